@@ -251,6 +251,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         sd = dict(state_dict)
         extra = sd.pop("fastcurv", {})
         super().load_state_dict(sd)
+        for group in self.param_groups:  # never share hyperparameter tensors with the source dict
+            for k, v in group.items():
+                if k != "params" and isinstance(v, Tensor):
+                    group[k] = v.detach().clone()
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, st in sd["state"].items():
             p = params[pid]

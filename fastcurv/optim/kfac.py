@@ -1,0 +1,806 @@
+r"""K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions), as the K-BFGS paper's code runs it.
+
+This is the baseline every fastcurv method is compared with, so it follows the K-FAC baseline of the K-BFGS
+reference code (``renyiryry/kbfgs_neurips2020_public``, ``kfac_utils.py``/``training_function.py``; ALGORITHMS.md
+§1.7) unless an option says otherwise.
+
+Per preconditioned layer (``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``) with homogeneous input
+:math:`\bar a = [a; 1]` (the bias is the last column of :math:`\bar W = [W \mid b]`), pre-activation
+:math:`h = \bar W\bar a` and per-sample pre-activation gradient :math:`g = N\,\partial L/\partial h`
+(:mod:`fastcurv.capture`), one step :math:`k = 0, 1, \dots` (counting applied steps) is:
+
+1. gradient with L2 (``weight_decay`` :math:`\tau`): :math:`\hat g = \nabla_{\bar W} L + \tau\bar W`;
+2. momentum in EMA form, no bias correction (``momentum`` :math:`\rho`): :math:`M \leftarrow \rho M + (1-\rho)\hat g`;
+3. factors (``stat_decay`` :math:`\beta`): :math:`A \leftarrow \beta A + (1-\beta)\,\mathbb E[\bar a\bar a^\top]`,
+   :math:`G \leftarrow \beta G + (1-\beta)\,\mathbb E[g g^\top]`, the batch statistics coming from
+   :class:`fastcurv.capture.Capture` (which builds them with :func:`fastcurv.ops.kron_factor_update_`). The
+   very first update (no :meth:`KFAC.warm_start`) sets :math:`A, G` to the batch statistics (:math:`\beta = 0`);
+4. when :math:`k \bmod T = 0` or :math:`k \le T` (``inv_every`` :math:`T`, the code's rule), refresh
+   :math:`(A + \delta_A I)^{-1}` and :math:`(G + \delta_G I)^{-1}` from the *updated* factors;
+5. direction :math:`P = (G + \delta_G I)^{-1}\, M\, (A + \delta_A I)^{-1}`, optional KL clipping
+   :math:`\nu = \min(1, \sqrt{\kappa / (\eta^2\sum_l\langle P_l, M_l\rangle)})` (``kl_clip`` :math:`\kappa`,
+   kfac-pytorch's rule), and :math:`\bar W \leftarrow \bar W - \eta\,\nu\,P` (``lr`` :math:`\eta`).
+
+Damping (``damping`` :math:`\lambda`, Tikhonov, split between the two factors):
+
+* ``damping_split="sqrt"`` (default, the code's): :math:`\delta_A = \delta_G = \sqrt\lambda`;
+* ``"pi"`` (Martens & Grosse §6.3): :math:`\pi = \sqrt{(\operatorname{tr}A/d_a) / (\operatorname{tr}G/d_g)}`,
+  :math:`\delta_A = \pi\sqrt\lambda`, :math:`\delta_G = \sqrt\lambda/\pi` (:math:`\pi = 1` if a trace is 0);
+* ``"exact"`` (needs ``inverse="eigh"``): :math:`(A\otimes G + \lambda I)^{-1}` applied exactly in the
+  factors' eigenbases, :math:`P = Q_G\,[(Q_G^\top M Q_A) \oslash (e_G e_A^\top + \lambda)]\,Q_A^\top`.
+
+Inverses: ``inverse="cholesky"`` (default) factors :math:`F + \delta I` with ``torch.linalg.cholesky_ex`` and
+inverts with ``cholesky_inverse``; ``"eigh"`` keeps :math:`F = Q\,\mathrm{diag}(e)\,Q^\top` (eigenvalues clamped
+at 0) and the elementwise scaling :math:`1/((e_G+\delta_G)(e_A+\delta_A)^\top)`. A factorisation that fails
+(singular or indefinite :math:`F + \delta I`, e.g. ``damping=0``) is retried with jitter
+:math:`\delta + s\sqrt{\varepsilon}\cdot\{1, 10^3, 10^6\}` (:math:`s` = mean :math:`|F_{ii}|`), then replaced by
+the PSD projection :math:`Q\,\mathrm{diag}(1/(\max(e, 0) + \delta'))\,Q^\top`; if even that fails the previous
+inverse is kept. Each case is counted (:meth:`KFAC.counters`: ``jitter_fallbacks``, ``psd_fallbacks``,
+``inverse_failures``); no NaN ever reaches the state.
+
+Convolutions (KFC, Grosse & Martens 2016): :math:`\bar a` are the ``F.unfold`` patches (one row per sample and
+output position, columns like ``weight.flatten(1)``), :math:`g` the output gradients at each position. The
+capture gives row means; KFC's Fisher block is :math:`L\,(A\otimes G)` with :math:`L` output positions (sum over
+positions of :math:`\bar a\bar a^\top`, mean of :math:`gg^\top`), so this optimizer uses :math:`L\cdot A` and
+:math:`G`. The same rule (:math:`L` = rows per sample) applies to ``nn.Linear`` on ``(N, T, d)`` inputs (the
+weight-sharing "expand" convention); for 2-D inputs :math:`L = 1`.
+
+Fisher (``fisher``):
+
+* ``"empirical"`` (default): :math:`g` from the backward of the training loss itself. Works with the plain
+  loop ``loss.backward(); opt.step()`` and with ``opt.step(closure)``. In the plain loop the statistics are
+  those of every grad-enabled forward/backward since the previous step (a running mean, so gradient
+  accumulation over micro-batches works); run evaluation forwards under ``torch.no_grad()``.
+* ``"sampled"`` (the code baseline; the true Fisher): :math:`g` from a second backward of the negative
+  log-likelihood at targets sampled from the model's predictive distribution. The closure returns
+  ``(loss, output)`` (forward only); the optimizer backpropagates ``loss`` for the gradient, then builds
+  :math:`\tilde L = \frac1N\sum_i -\log p(\tilde t_i \mid z_i)` (summed over non-batch dimensions) with
+  ``likelihood``:
+
+  - ``"categorical"``: ``output`` are logits with classes on dim 1 (``F.cross_entropy``), :math:`\tilde t \sim
+    \mathrm{softmax}(z)`;
+  - ``"bernoulli"``: logits (``F.binary_cross_entropy_with_logits``),
+    :math:`\tilde t \sim \mathrm{Bernoulli}(\sigma(z))`;
+  - ``"gaussian"``: :math:`\tilde L = \frac1{2N}\sum\|z - \tilde t\|^2`, :math:`\tilde t \sim \mathcal N(z, I)`
+    (the Fisher of ½·squared error);
+  - a callable ``output -> sampled loss`` for anything else (the user samples).
+
+  The canonical per-sample scaling above matches the K-BFGS problems' losses (summed over pixels, averaged
+  over the batch, e.g. :meth:`fastcurv.data.Problem.loss_fn`); a training loss averaged over *all* elements is
+  smaller by the number of outputs per sample, which only rescales ``lr`` relative to ``damping``. Targets
+  are drawn from the optimizer's own ``torch.Generator`` (``seed``), saved in the state dict.
+
+Compile: hyperparameters are 0-d tensors (``torch.optim.lr_scheduler`` works, no recompiles). The step is
+three compiled functions (``torch.compile(fullgraph=True)`` when ``compile`` is on): the finiteness check (one
+bool vector, one host sync per step), (momentum + factor EMA) and (direction + KL clip + parameter update);
+the inverse refresh runs eagerly between the last two, so it adds no graphs and no recompiles. (Measured on torch 2.13 CPU: ``cholesky_ex`` + ``cholesky_inverse`` and ``eigh`` do
+compile with ``fullgraph=True`` — extern LAPACK calls, bitwise equal to eager — but the jitter/PSD fallback
+needs the factorisation's status on the host, and compiling the LAPACK call itself gains nothing.)
+Inductor pitfalls avoided (CAPTURE.md): no ``add(..., alpha=)`` (the EMA is ``mul_`` then ``add_(X * c)``),
+no in-place update of a 0-d tensor inside a compiled region (counters are Python ints, host side), and the
+loss enters the compiled check with shape (1,) (a 0-d float input gets a NaN guard: a NaN loss would
+recompile). tests/optim/test_kfac.py pins each (compiled == eager, constant graph count, NaN step).
+
+Defaults (K-BFGS code's KFAC baseline, Demo.ipynb's tuned MNIST values): ``lr=1``, ``damping=3``,
+``momentum=0.9``, ``weight_decay=1e-5``, ``stat_decay=0.9``, ``inv_every=20``. Everything that is not
+preconditioned (norms, embeddings, grouped convolutions, layers whose weights are used without calling
+their ``forward``) goes to the base class's fallback rule; :meth:`describe` lists what went where.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastcurv.capture import Capture, LayerStats
+from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
+
+__all__ = ["KFAC"]
+
+_FISHERS = ("empirical", "sampled")
+_LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+_SPLITS = ("sqrt", "pi", "exact")
+_INVERSES = ("cholesky", "eigh")
+_JITTERS = (1.0, 1e3, 1e6)  # multiples of s·sqrt(eps) tried after a failed Cholesky
+
+
+@dataclass
+class _Layer:
+    """One preconditioned layer: its capture statistics and parameters."""
+
+    stats: LayerStats
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    name: str
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the compiled parts (pure functions of tensors; flags are closure constants)
+# ------------------------------------------------------------------------------------------------------------
+def _hom_grad(W: Tensor, b: Tensor | None, gW: Tensor, gb: Tensor | None, wd: Tensor, dtype: torch.dtype) -> Tensor:
+    r""":math:`[\nabla W + \tau W \mid \nabla b + \tau b]` as a ``(d_g, d_a)`` matrix in the factor dtype."""
+    gw = (gW.reshape(gW.shape[0], -1) + W.reshape(W.shape[0], -1) * wd).to(dtype)
+    if b is None:
+        return gw
+    gbias = b * wd if gb is None else gb + b * wd
+    return torch.cat([gw, gbias.to(dtype).unsqueeze(1)], dim=1)
+
+
+def _stats_update(
+    Ws: list[Tensor],
+    Bs: list[Tensor | None],
+    gWs: list[Tensor],
+    gBs: list[Tensor | None],
+    Ms: list[Tensor],
+    As: list[Tensor],
+    Gs: list[Tensor],
+    A_batch: list[Tensor],
+    G_batch: list[Tensor],
+    A_scale: list[Tensor],
+    momentum: Tensor,
+    weight_decay: Tensor,
+    beta: Tensor,
+) -> None:
+    r"""Steps 1-3: :math:`M \leftarrow \rho M + (1-\rho)\hat g`; :math:`A \leftarrow \beta A + (1-\beta) L\,A_b`;
+    :math:`G \leftarrow \beta G + (1-\beta) G_b` (in place; ``A_scale`` = rows per sample :math:`L`)."""
+    for W, b, gW, gb, M, A, G, Ab, Gb, s in zip(Ws, Bs, gWs, gBs, Ms, As, Gs, A_batch, G_batch, A_scale):
+        mom = momentum.to(M.dtype)
+        bt = beta.to(A.dtype)
+        M.mul_(mom).add_(_hom_grad(W, b, gW, gb, weight_decay.to(W.dtype), M.dtype) * (1 - mom))
+        A.mul_(bt).add_(Ab * (s * (1 - bt)))
+        G.mul_(bt).add_(Gb * (1 - bt))
+
+
+def _health_flags(tensors: list[Tensor], n_A: list[Tensor], n_G: list[Tensor]) -> Tensor:
+    """One bool vector: ``isfinite(t).all()`` for each tensor, then ``n_A > 0 and n_G > 0`` for each layer
+    (compiled, it is a couple of fused reductions instead of two kernels per tensor)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    flags += [((a > 0) & (g > 0)).reshape(()) for a, g in zip(n_A, n_G)]
+    return torch.stack(flags)
+
+
+def _make_apply(eigen: bool, kl: bool) -> Callable[..., None]:
+    """Step 5 for the chosen inverse representation and KL-clip flag."""
+
+    def apply(
+        Ws: list[Tensor],
+        Bs: list[Tensor | None],
+        Ms: list[Tensor],
+        L1: list[Tensor],
+        L2: list[Tensor],
+        L3: list[Tensor],
+        lr: Tensor,
+        kl_clip: Tensor,
+    ) -> None:
+        r"""Direction :math:`P` per layer (``cholesky``: ``L1`` = :math:`G^{-1}`, ``L2`` = :math:`A^{-1}`;
+        ``eigh``: ``L1`` = :math:`Q_G`, ``L2`` = :math:`Q_A`, ``L3`` = the elementwise scaling), optional KL
+        clip, then :math:`\bar W \leftarrow \bar W - \eta\nu P`."""
+        Ps = []
+        for M, a, c, d in zip(Ms, L1, L2, L3):
+            if eigen:
+                Ps.append(a @ (((a.T @ M) @ c) * d) @ c.T)
+            else:
+                Ps.append((a @ M) @ c)
+        step = -lr
+        if kl:
+            vg = torch.stack([(P * M).sum() for P, M in zip(Ps, Ms)]).sum().to(lr.dtype) * lr * lr
+            tiny = torch.finfo(vg.dtype).tiny
+            nu = torch.clamp(torch.sqrt(kl_clip.to(lr.dtype) / torch.clamp(vg.abs(), min=tiny)), max=1.0)
+            step = step * nu
+        for W, b, P in zip(Ws, Bs, Ps):
+            k = W[0].numel()
+            W.add_((P[:, :k] * step.to(P.dtype)).reshape(W.shape).to(W.dtype))
+            if b is not None:
+                b.add_((P[:, k] * step.to(P.dtype)).to(b.dtype))
+
+    return apply
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the optimizer
+# ------------------------------------------------------------------------------------------------------------
+class KFAC(CurvatureOptimizer):
+    r"""K-FAC for ``nn.Linear`` and ``nn.Conv2d`` layers (see the module docstring for the exact algorithm).
+
+    Usage::
+
+        opt = KFAC(model, lr=1.0, damping=3.0)
+        for x, y in loader:                          # closure form (forward only; the optimizer backpropagates)
+            opt.step(lambda: loss_fn(model(x), y))
+        # or the plain loop (empirical Fisher):
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        # sampled (true) Fisher: the closure also returns the model output
+        opt = KFAC(model, fisher="sampled", likelihood="bernoulli")
+
+        def closure():
+            out = model(x)
+            return loss_fn(out, y), out
+
+        opt.step(closure)
+
+    Args:
+        model: the model (its Linear/Conv2d layers are captured by class swap, see :mod:`fastcurv.capture`).
+        lr: step size :math:`\eta` (default 1, the K-BFGS Demo's tuned KFAC value).
+        damping: Tikhonov :math:`\lambda \ge 0` (default 3, Demo); split by ``damping_split``.
+        momentum: :math:`\rho \in [0, 1)` of the EMA-form momentum (default 0.9).
+        weight_decay: L2 coefficient :math:`\tau` added to the gradient (default 1e-5, the code's).
+        stat_decay: factor EMA :math:`\beta \in [0, 1]` (default 0.9, the code's ``kfac_rho``).
+        inv_every: inverse period :math:`T \ge 1` (default 20); inverses are refreshed at step k when
+            ``k % T == 0 or k <= T``.
+        fisher: ``"empirical"`` (default) or ``"sampled"`` (needs ``likelihood`` and a closure returning
+            ``(loss, output)``).
+        likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"`` or a callable ``output -> loss`` (only
+            with ``fisher="sampled"``).
+        damping_split: ``"sqrt"`` (default), ``"pi"`` or ``"exact"`` (``"exact"`` needs ``inverse="eigh"``).
+        inverse: ``"cholesky"`` (default) or ``"eigh"``.
+        kl_clip: KL-clipping radius :math:`\kappa > 0`, or None (default: off).
+        factor_dtype: dtype of factors, inverses and momentum (default: the parameters' dtype, float32 for
+            bf16/fp16 parameters).
+        layers: restrict preconditioning to these modules (or qualified names); default every supported layer.
+        seed: seed of the generator used for sampled targets (default: drawn from the global RNG).
+        fallback, fallback_lr, on_nonfinite, compile: see :class:`~fastcurv.optim._base.CurvatureOptimizer`.
+    """
+
+    hyperparameters = {
+        "lr": (0.0, None),
+        "damping": (0.0, None),
+        "momentum": (0.0, 1.0),
+        "weight_decay": (0.0, None),
+        "stat_decay": (0.0, 1.0),
+        "kl_clip": (0.0, None),
+    }
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float | Tensor = 1.0,
+        damping: float | Tensor = 3.0,
+        momentum: float | Tensor = 0.9,
+        weight_decay: float | Tensor = 1e-5,
+        stat_decay: float | Tensor = 0.9,
+        inv_every: int = 20,
+        *,
+        fisher: str = "empirical",
+        likelihood: str | Callable[[Tensor], Tensor] | None = None,
+        damping_split: str = "sqrt",
+        inverse: str = "cholesky",
+        kl_clip: float | Tensor | None = None,
+        factor_dtype: torch.dtype | None = None,
+        layers: Iterable[nn.Module | str] | None = None,
+        seed: int | None = None,
+        fallback: str = "sgd",
+        fallback_lr: float = 1e-3,
+        on_nonfinite: str = "skip",
+        compile: bool | str = "auto",
+    ) -> None:
+        if isinstance(inv_every, bool) or not isinstance(inv_every, int) or inv_every < 1:
+            raise ValueError(f"inv_every must be an int >= 1, got {inv_every!r}")
+        if fisher not in _FISHERS:
+            raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}")
+        if fisher == "sampled":
+            if likelihood is None:
+                raise ValueError(
+                    "fisher='sampled' needs likelihood= one of "
+                    f"{_LIKELIHOODS} or a callable output -> sampled loss"
+                )
+            if not callable(likelihood) and likelihood not in _LIKELIHOODS:
+                raise ValueError(f"likelihood must be one of {_LIKELIHOODS} or a callable, got {likelihood!r}")
+        elif likelihood is not None:
+            raise ValueError("likelihood is only used with fisher='sampled' (the empirical Fisher needs none)")
+        if damping_split not in _SPLITS:
+            raise ValueError(f"damping_split must be one of {_SPLITS}, got {damping_split!r}")
+        if inverse not in _INVERSES:
+            raise ValueError(f"inverse must be one of {_INVERSES}, got {inverse!r}")
+        if damping_split == "exact" and inverse != "eigh":
+            raise ValueError("damping_split='exact' applies (A⊗G + λI)^{-1} in the eigenbases: use inverse='eigh'")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"KFAC is constructed from the model (an nn.Module), e.g. KFAC(model, lr=...); got "
+                f"{type(model).__name__}"
+            )
+        attached = [n for n, mod in model.named_modules() if hasattr(mod, "_fastcurv_stats")]
+        if attached:
+            raise ValueError(
+                f"KFAC: the model's layers {attached[:3]}{'...' if len(attached) > 3 else ''} are already captured "
+                f"by another fastcurv optimizer or Capture; call its .remove() first"
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        if factor_dtype is None and params:
+            factor_dtype = params[0].dtype if params[0].dtype in (torch.float32, torch.float64) else torch.float32
+        if factor_dtype not in (torch.float32, torch.float64, None):
+            raise TypeError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}")
+        defaults: dict[str, float | Tensor] = dict(
+            lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, stat_decay=stat_decay
+        )
+        if kl_clip is not None:
+            defaults["kl_clip"] = kl_clip
+        super().__init__(
+            model, defaults, fallback=fallback, fallback_lr=fallback_lr, on_nonfinite=on_nonfinite, compile=compile
+        )
+        g = self.param_groups[0]
+        if float(g["momentum"]) >= 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {float(g['momentum'])}")
+        if kl_clip is not None and float(g["kl_clip"]) <= 0.0:
+            raise ValueError(f"kl_clip must be > 0 (or None to turn clipping off), got {float(g['kl_clip'])}")
+
+        self.inv_every = inv_every
+        self.fisher = fisher
+        self.likelihood = likelihood
+        self.damping_split = damping_split
+        self.inverse = inverse
+        self.factor_dtype = factor_dtype
+        self._kl = kl_clip is not None
+        self._eigen = inverse == "eigh"
+        ref = params[0]
+        self._gen = torch.Generator(device=ref.device)
+        self._gen.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else seed)
+
+        trainable = set(params)
+        if layers is None:  # capture's default selection, minus layers with frozen parameters
+            cap_layers: list[nn.Module | str] = [
+                m for m in model.modules()
+                if type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1 and m.weight in trainable
+                and (m.bias is None or m.bias in trainable)
+            ]
+        else:
+            if isinstance(layers, (str, nn.Module)):
+                raise TypeError("layers must be an iterable of modules or module names, not a single one")
+            cap_layers = list(layers)
+        self._cap = Capture(model, layers=cap_layers, dtype=factor_dtype, grad_scale="batch", mode=("A", "G"))
+        self._layers: list[_Layer] = []
+        for st in self._cap.layers:
+            w, b = st.module.weight, st.module.bias
+            if w not in trainable or (b is not None and b not in trainable):
+                continue  # frozen weight or bias: leave the layer to the fallback (frozen params are not in it)
+            self._layers.append(_Layer(st, w, b, st.name or "<root>"))
+        self._refresh_partition()
+        self._counters.update(
+            factor_updates=0, inverse_refreshes=0, jitter_fallbacks=0, psd_fallbacks=0, inverse_failures=0
+        )
+        for layer in self._layers:
+            self._init_layer_state(layer)
+        self._health_fn = maybe_compile(_health_flags, self.compile_enabled)
+        self._stats_fn = maybe_compile(_stats_update, self.compile_enabled)
+        self._apply_fn = maybe_compile(_make_apply(self._eigen, self._kl), self.compile_enabled)
+        self._zero = torch.zeros((), dtype=g["lr"].dtype, device=ref.device)
+
+    # -------------------------------------------------------------------------------------------- setup
+    def _refresh_partition(self) -> None:
+        mapping: dict[Tensor, str] = {}
+        for layer in self._layers:
+            kind = "Conv2d (KFC)" if layer.stats.conv else "Linear"
+            what = "weight+bias" if layer.bias is not None else "weight"
+            mapping[layer.weight] = f"K-FAC {kind} {layer.name} ({what})"
+            if layer.bias is not None:
+                mapping[layer.bias] = f"K-FAC {kind} {layer.name} (bias column)"
+        self._set_preconditioned(mapping)
+
+    def _init_layer_state(self, layer: _Layer) -> None:
+        st, dev, dt = layer.stats, layer.weight.device, self.factor_dtype
+        da, dg = st.d_a, st.d_g
+        s = self.state[layer.weight]
+        s["A"] = torch.zeros(da, da, dtype=dt, device=dev)
+        s["G"] = torch.zeros(dg, dg, dtype=dt, device=dev)
+        s["momentum"] = torch.zeros(dg, da, dtype=dt, device=dev)
+        if self._eigen:
+            s["QA"] = torch.zeros(da, da, dtype=dt, device=dev)
+            s["QG"] = torch.zeros(dg, dg, dtype=dt, device=dev)
+            s["scale"] = torch.zeros(dg, da, dtype=dt, device=dev)
+        else:
+            s["A_inv"] = torch.zeros(da, da, dtype=dt, device=dev)
+            s["G_inv"] = torch.zeros(dg, dg, dtype=dt, device=dev)
+
+    def _inverse_tensors(self, layer: _Layer) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.state[layer.weight]
+        if self._eigen:
+            return s["QG"], s["QA"], s["scale"]
+        return s["G_inv"], s["A_inv"], s["G_inv"]  # third slot unused for Cholesky
+
+    # -------------------------------------------------------------------------------------------- closure
+    def _sampled_loss(self, output: Tensor) -> Tensor:
+        r""":math:`\tilde L = \frac1N\sum_i -\log p(\tilde t_i\mid z_i)`, :math:`\tilde t_i \sim p(\cdot\mid z_i)`."""
+        lik = self.likelihood
+        if callable(lik):
+            out = lik(output)
+            if not isinstance(out, Tensor) or out.dim() != 0:
+                raise TypeError(
+                    f"likelihood(output) must return the sampled loss as a 0-d tensor, got {type(out).__name__}"
+                )
+            return out
+        if not isinstance(output, Tensor) or output.dim() == 0:
+            raise TypeError(
+                "fisher='sampled': the closure's output must be the model output, a tensor with a batch dim"
+            )
+        z, n = output, output.shape[0]
+        zd = z.detach()
+        if lik == "categorical":
+            if z.dim() < 2:
+                raise ValueError(f"likelihood='categorical' needs logits (N, C, ...), got shape {tuple(z.shape)}")
+            c = z.shape[1]
+            probs = torch.softmax(zd if zd.dtype == torch.float64 else zd.float(), dim=1).movedim(1, -1).reshape(-1, c)
+            t = torch.multinomial(probs, 1, generator=self._gen).reshape(zd.movedim(1, -1).shape[:-1])
+            return F.cross_entropy(z, t, reduction="sum") / n
+        if lik == "bernoulli":
+            t = torch.bernoulli(torch.sigmoid(zd), generator=self._gen)
+            return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / n
+        t = zd + torch.randn(zd.shape, generator=self._gen, dtype=zd.dtype, device=zd.device)
+        return 0.5 * (z - t).pow(2).sum() / n
+
+    def _forward_backward(self, closure: Closure) -> Tensor:
+        """Zero grads and statistics, run the closure, backpropagate the loss (and, for the sampled Fisher,
+        the sampled loss, whose G replaces the empirical one). Returns the detached loss."""
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self.zero_grad(set_to_none=True)
+        self._cap.reset()
+        with torch.enable_grad():
+            out = closure()
+            output = None
+            if isinstance(out, (tuple, list)):
+                if len(out) != 2:
+                    raise TypeError(f"the closure must return loss or (loss, output), got a sequence of {len(out)}")
+                out, output = out
+            if not isinstance(out, Tensor) or out.dim() != 0:
+                shape = f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""
+                raise TypeError(
+                    f"the closure must return the loss as a 0-d tensor (or (loss, output)), got "
+                    f"{type(out).__name__}{shape}"
+                )
+            loss = out
+            already = any(p.grad is not None for p in self.param_groups[0]["params"])
+            if self.fisher == "empirical":
+                if not already and loss.requires_grad:
+                    loss.backward()
+            else:
+                if already:
+                    raise ValueError(
+                        "fisher='sampled': the closure must not call backward() itself; return (loss, output) "
+                        "and the optimizer backpropagates both the loss and the sampled-target loss"
+                    )
+                if output is None:
+                    raise ValueError(
+                        "fisher='sampled' needs the model output: let the closure return (loss, output)"
+                    )
+                if loss.requires_grad:
+                    loss.backward(retain_graph=True)
+                self._cap.reset("G")
+                sloss = self._sampled_loss(output)
+                ws = [lay.weight for lay in self._layers]
+                if ws and sloss.requires_grad:
+                    torch.autograd.grad(sloss, ws, allow_unused=True)
+        return loss.detach()
+
+    # -------------------------------------------------------------------------------------------- statistics
+    def _batch_stats(self, layers: list[_Layer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Batch A, G and the KFC row factor L = n_A / n_s of each layer (tensors; no host sync)."""
+        As, Gs, Ls = [], [], []
+        for lay in layers:
+            st = lay.stats
+            As.append(st.A)
+            Gs.append(st.G)
+            Ls.append((st.n_A.to(st.A.dtype) / st.n_s.clamp(min=1).to(st.A.dtype)).reshape(()))
+        return As, Gs, Ls
+
+    def _check_and_filter(
+        self, loss: Tensor | None, layers: list[_Layer], As: list[Tensor], Gs: list[Tensor]
+    ) -> tuple[bool, list[int]]:
+        """One host sync: are loss, gradients and batch factors finite; which layers got no statistics."""
+        ts = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None] + As + Gs
+        if loss is not None:
+            ts.append(loss.reshape(1))  # shape (1,): a 0-d input would be specialised with a NaN guard (recompile)
+        if not ts:
+            return True, []
+        vals = self._health_fn(ts, [lay.stats.n_A for lay in layers], [lay.stats.n_G for lay in layers]).tolist()
+        return all(vals[: len(ts)]), [i for i, v in enumerate(vals[len(ts) :]) if not v]
+
+    def _active_layers(self) -> list[_Layer]:
+        return [lay for lay in self._layers if lay.weight.grad is not None]
+
+    def _handle_missing(self, layers: list[_Layer], missing: list[int]) -> list[_Layer]:
+        """Layers with gradients but no statistics: their weights were used without calling ``forward`` (e.g.
+        ``nn.MultiheadAttention.out_proj``). Before any factor update they move to the fallback (a warning);
+        later, it is an error (the model's use of the layer changed)."""
+        if not missing:
+            return layers
+        bad = [layers[i] for i in missing]
+        names = ", ".join(lay.name for lay in bad)
+        if self._counters["factor_updates"] == 0:
+            warnings.warn(
+                f"KFAC: layer(s) {names} received gradients but no curvature statistics (their weights are used "
+                f"without calling the module's forward, or the forward ran under no_grad); they are updated by "
+                f"the {self.fallback} fallback instead",
+                stacklevel=4,
+            )
+            self._layers = [lay for lay in self._layers if lay not in bad]
+            for lay in bad:
+                self.state.pop(lay.weight, None)
+            self._refresh_partition()
+            return [lay for lay in layers if lay not in bad]
+        raise RuntimeError(
+            f"KFAC: layer(s) {names} have gradients but no curvature statistics this step (was the forward run "
+            f"under no_grad, or the weights used without calling the module?)"
+        )
+
+    # -------------------------------------------------------------------------------------------- inverses
+    def _deltas(self, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+        """Damping added to A and G (0-d tensors): √λ each, or π-corrected."""
+        lam = self.param_groups[0]["damping"].to(A.dtype)
+        if self.damping_split == "exact":
+            z = torch.zeros((), dtype=A.dtype, device=A.device)
+            return z, z
+        r = lam.sqrt()
+        if self.damping_split == "sqrt":
+            return r, r
+        ta = torch.diagonal(A).sum() / A.shape[0]
+        tg = torch.diagonal(G).sum() / G.shape[0]
+        pi = torch.sqrt(ta / tg)
+        pi = torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
+        return r * pi, r / pi
+
+    def _psd_inverse(self, Fm: Tensor, delta: Tensor) -> Tensor | None:
+        r"""Last resort: :math:`Q\,\mathrm{diag}(1/(\max(e,0)+\delta'))Q^\top`, :math:`\delta' > 0`."""
+        try:
+            e, Q = torch.linalg.eigh(Fm)
+        except RuntimeError:
+            return None
+        s = torch.diagonal(Fm).abs().mean()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        floor = s * math.sqrt(torch.finfo(Fm.dtype).eps)
+        d = e.clamp(min=0) + torch.maximum(delta, floor)
+        inv = (Q / d) @ Q.T
+        return inv if bool(torch.isfinite(inv).all()) else None
+
+    def _cholesky_inverses(self, mats: list[Tensor], deltas: list[Tensor], outs: list[Tensor]) -> None:
+        """outs[i] <- (mats[i] + deltas[i] I)^{-1} by Cholesky; jitter, PSD projection, keep-old fallbacks."""
+        facs, infos = [], []
+        for Fm, d in zip(mats, deltas):
+            eye = torch.eye(Fm.shape[0], dtype=Fm.dtype, device=Fm.device)
+            L, info = torch.linalg.cholesky_ex(Fm + eye * d)
+            facs.append(L)
+            infos.append(info)
+        bad = torch.stack(infos).ne(0).tolist() if infos else []
+        for i, (Fm, d, out) in enumerate(zip(mats, deltas, outs)):
+            if not bad[i]:
+                out.copy_(torch.cholesky_inverse(facs[i]))
+                continue
+            self._counters["jitter_fallbacks"] += 1
+            eye = torch.eye(Fm.shape[0], dtype=Fm.dtype, device=Fm.device)
+            s = torch.diagonal(Fm).abs().mean()
+            s = torch.where(s > 0, s, torch.ones_like(s)) * math.sqrt(torch.finfo(Fm.dtype).eps)
+            done = False
+            for j in _JITTERS:
+                L, info = torch.linalg.cholesky_ex(Fm + eye * (d + s * j))
+                if int(info) == 0:
+                    inv = torch.cholesky_inverse(L)
+                    if bool(torch.isfinite(inv).all()):
+                        out.copy_(inv)
+                        done = True
+                        break
+            if done:
+                continue
+            self._counters["psd_fallbacks"] += 1
+            inv = self._psd_inverse(Fm, d)
+            if inv is None:
+                self._counters["inverse_failures"] += 1
+            else:
+                out.copy_(inv)
+
+    def _eigh(self, Fm: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Eigendecomposition with eigenvalues clamped at 0; jitter retries on failure."""
+        try:
+            e, Q = torch.linalg.eigh(Fm)
+            if bool(torch.isfinite(e).all() & torch.isfinite(Q).all()):
+                return e.clamp(min=0), Q
+        except RuntimeError:
+            pass
+        self._counters["jitter_fallbacks"] += 1
+        eye = torch.eye(Fm.shape[0], dtype=Fm.dtype, device=Fm.device)
+        s = torch.diagonal(Fm).abs().mean()
+        s = torch.where(s > 0, s, torch.ones_like(s)) * math.sqrt(torch.finfo(Fm.dtype).eps)
+        for j in _JITTERS:
+            try:
+                e, Q = torch.linalg.eigh(Fm + eye * (s * j))
+            except RuntimeError:
+                continue
+            if bool(torch.isfinite(e).all() & torch.isfinite(Q).all()):
+                return (e - s * j).clamp(min=0), Q
+        self._counters["inverse_failures"] += 1
+        return None
+
+    def _refresh_inverses(self, layers: list[_Layer]) -> None:
+        """Step 4 for every layer in ``layers`` (eager: Cholesky/eigh with data-dependent fallbacks)."""
+        self._counters["inverse_refreshes"] += 1
+        lam = self.param_groups[0]["damping"]
+        if self._eigen:
+            for lay in layers:
+                s = self.state[lay.weight]
+                dA, dG = self._deltas(s["A"], s["G"])
+                eA = self._eigh(s["A"])
+                eG = self._eigh(s["G"])
+                if eA is None or eG is None:
+                    continue
+                (ea, qa), (eg, qg) = eA, eG
+                if self.damping_split == "exact":
+                    denom = torch.outer(eg, ea) + lam.to(ea.dtype)
+                else:
+                    denom = torch.outer(eg + dG, ea + dA)
+                scale = 1.0 / denom
+                if not bool(torch.isfinite(scale).all()):
+                    self._counters["inverse_failures"] += 1
+                    continue
+                s["QA"].copy_(qa)
+                s["QG"].copy_(qg)
+                s["scale"].copy_(scale)
+            return
+        mats, deltas, outs = [], [], []
+        for lay in layers:
+            s = self.state[lay.weight]
+            dA, dG = self._deltas(s["A"], s["G"])
+            mats += [s["A"], s["G"]]
+            deltas += [dA, dG]
+            outs += [s["A_inv"], s["G_inv"]]
+        self._cholesky_inverses(mats, deltas, outs)
+
+    def _refresh_due(self) -> bool:
+        k, T = self._counters["steps"], self.inv_every
+        return k % T == 0 or k <= T
+
+    # -------------------------------------------------------------------------------------------- step
+    def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:
+        if closure is not None:
+            loss: Tensor | None = self._forward_backward(closure)
+        else:
+            if self.fisher == "sampled":
+                raise ValueError(
+                    "fisher='sampled' needs opt.step(closure) with a closure returning (loss, output): the plain "
+                    "loop's backward only gives the empirical Fisher"
+                )
+            if not any(p.grad is not None for p in self.param_groups[0]["params"]):
+                raise ValueError(
+                    "KFAC.step() without a closure needs gradients: call loss.backward() first, or pass a closure "
+                    "(step(lambda: loss_fn(model(x), y)))"
+                )
+            loss = None
+        layers = self._active_layers()
+        As, Gs, Ls = self._batch_stats(layers)
+        finite, missing = self._check_and_filter(loss, layers, As, Gs)
+        if not finite:
+            self._cap.reset()
+            self._skip("loss, gradient or curvature statistic")
+            return loss, False
+        if missing:
+            layers = self._handle_missing(layers, missing)
+            As, Gs, Ls = self._batch_stats(layers)
+        g = self.param_groups[0]
+        if layers:
+            beta = g["stat_decay"] if self._counters["factor_updates"] > 0 else self._zero
+            st = [self.state[lay.weight] for lay in layers]
+            self._stats_fn(
+                [lay.weight for lay in layers],
+                [lay.bias for lay in layers],
+                [lay.weight.grad for lay in layers],
+                [None if lay.bias is None else lay.bias.grad for lay in layers],
+                [s["momentum"] for s in st],
+                [s["A"] for s in st],
+                [s["G"] for s in st],
+                As,
+                Gs,
+                Ls,
+                g["momentum"],
+                g["weight_decay"],
+                beta,
+            )
+            if self._refresh_due():
+                self._refresh_inverses(layers)
+            inv = [self._inverse_tensors(lay) for lay in layers]
+            self._apply_fn(
+                [lay.weight for lay in layers],
+                [lay.bias for lay in layers],
+                [s["momentum"] for s in st],
+                [t[0] for t in inv],
+                [t[1] for t in inv],
+                [t[2] for t in inv],
+                g["lr"],
+                g.get("kl_clip", self._zero),
+            )
+        self._counters["factor_updates"] += 1
+        self._fallback_update()
+        self._cap.reset()
+        return loss, True
+
+    # -------------------------------------------------------------------------------------------- warm start
+    @torch.no_grad()
+    def warm_start(self, closures: Iterable[Closure]) -> int:
+        r"""Set the factors to their average over forward/backward passes at the current parameters
+        :math:`\theta_0` (the K-BFGS code does one epoch): :math:`A = \frac1J\sum_j A_j`, :math:`G =
+        \frac1J\sum_j G_j`, each pass with this optimizer's ``fisher``. Parameters, momentum and the step count
+        are unchanged; batches with non-finite statistics are ignored. Returns the number J of batches used.
+
+        Replaces any factors accumulated so far; the first step then applies the EMA (``stat_decay``) to them.
+        """
+        self._check_hyper_types()
+        j = 0
+        try:
+            for closure in closures:
+                loss = self._forward_backward(closure)
+                layers = self._active_layers()
+                As, Gs, Ls = self._batch_stats(layers)
+                finite, missing = self._check_and_filter(loss, layers, As, Gs)
+                if not finite:
+                    continue
+                if missing:
+                    layers = self._handle_missing(layers, missing)
+                    As, Gs, Ls = self._batch_stats(layers)
+                j += 1
+                for lay, Ab, Gb, L in zip(layers, As, Gs, Ls):
+                    s = self.state[lay.weight]
+                    if j == 1:
+                        s["A"].copy_(Ab * L)
+                        s["G"].copy_(Gb)
+                    else:
+                        s["A"].mul_((j - 1) / j).add_(Ab * (L / j))
+                        s["G"].mul_((j - 1) / j).add_(Gb * (1.0 / j))
+        finally:
+            self.zero_grad(set_to_none=True)
+            self._cap.reset()
+        if j == 0:
+            raise ValueError("warm_start: no closure gave finite statistics (was the iterable empty?)")
+        self._counters["factor_updates"] += j
+        return j
+
+    # -------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The base state dict (factors, inverses, momentum, counters) plus the sampling generator's state."""
+        sd = super().state_dict()
+        sd["fastcurv"]["rng_state"] = self._gen.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (factors, inverses, momentum, counters — so the inverse schedule resumes —
+        and the sampling generator)."""
+        extra = state_dict.get("fastcurv", {})
+        need = {"A", "G", "momentum"} | ({"QA", "QG", "scale"} if self._eigen else {"A_inv", "G_inv"})
+        index = {p: i for i, p in enumerate(self.param_groups[0]["params"])}
+        saved_state = state_dict.get("state", {})
+        for lay in self._layers:  # validate before anything is loaded
+            s = saved_state.get(index[lay.weight], {})
+            if "A" not in s:
+                continue  # moved to the fallback in the saved run
+            if not need <= s.keys():
+                raise ValueError(
+                    f"KFAC.load_state_dict: layer {lay.name} lacks {sorted(need - s.keys())}; the state dict was "
+                    f"saved by an optimizer with another inverse= setting (this one uses {self.inverse!r})"
+                )
+            if tuple(s["A"].shape) != (lay.stats.d_a,) * 2 or tuple(s["G"].shape) != (lay.stats.d_g,) * 2:
+                raise ValueError(
+                    f"KFAC.load_state_dict: layer {lay.name} has factors of shapes {tuple(s['A'].shape)}, "
+                    f"{tuple(s['G'].shape)} in the state dict but needs ({lay.stats.d_a}, {lay.stats.d_a}), "
+                    f"({lay.stats.d_g}, {lay.stats.d_g})"
+                )
+        super().load_state_dict(state_dict)
+        if "rng_state" in extra:
+            self._gen.set_state(extra["rng_state"].clone())
+        # layers moved to the fallback at the saved run's first step are not in the saved state
+        self._layers = [lay for lay in self._layers if "A" in self.state.get(lay.weight, {})]
+        self._refresh_partition()
+
+    def remove(self) -> None:
+        """Detach from the model: restore the layers' original classes (the optimizer is unusable after)."""
+        self._cap.remove()
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        hp = ", ".join(f"{k}={float(g[k]):g}" for k in self.hyperparameters if k in g)
+        return (
+            f"KFAC({hp}, inv_every={self.inv_every}, fisher={self.fisher!r}, damping_split="
+            f"{self.damping_split!r}, inverse={self.inverse!r}, {len(self._layers)} layers)"
+        )
