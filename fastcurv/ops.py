@@ -211,6 +211,8 @@ def _check_bfgs(
         if H.shape[0] != H.shape[1]:
             raise ValueError(f"{h} must be square (n, n), got shape {tuple(H.shape)}")
         n = H.shape[0]
+        if n == 0:
+            raise ValueError(f"{h} is empty (shape {tuple(H.shape)}); a BFGS update needs n >= 1")
         for name, v in ((sv, s), (yv, y)):
             if v.dim() != 1 or v.shape[0] != n:
                 raise ValueError(f"{name} must have shape ({n},) to match {h} of shape {tuple(H.shape)}, got {tuple(v.shape)}")
@@ -463,14 +465,19 @@ class _ComplexLinear(torch.autograd.Function):
         x, x_im, w, w_im = ctx.saved_tensors
         has_x_im, has_w_im, has_b, has_b_im = ctx.has
         need = ctx.needs_input_grad
-        coef = [1, 1, 1, 0 if ctx.dual else -1]
-        g = g.contiguous()
-        g_im = g_im.contiguous()
+        c_ri = 0 if ctx.dual else -1
+
+        def coef(re: bool, im: bool) -> list[int]:  # zero the products of a plane nobody asked for
+            return [int(re), int(re), int(im), c_ri if im else 0]
+
+        # g, g_im may be strided (e.g. expanded) views: the kernel takes strides, so no .contiguous() copies
         dx = dx_im = dw = dw_im = db = db_im = None
         if need[0] or need[1]:
-            dx, dx_im = torch.ops.fastcurv.complex_matmul(g, g_im, w, w_im, coef, None, None)
+            dx, dx_im = torch.ops.fastcurv.complex_matmul(g, g_im, w, w_im, coef(need[0], need[1]), None, None)
         if need[2] or need[3]:
-            dw, dw_im = torch.ops.fastcurv.complex_matmul(g.t(), g_im.t(), x, x_im, coef, None, None)
+            dw, dw_im = torch.ops.fastcurv.complex_matmul(
+                g.t(), g_im.t(), x, x_im, coef(need[2], need[3]), None, None
+            )
         if need[4] and has_b:
             db = g.sum(0)
         if need[5] and has_b_im:
