@@ -4,5 +4,10 @@ All share the step protocol ``loss = opt.step(closure)`` (see :mod:`fastcurv.opt
 """
 
 from fastcurv.optim._base import CurvatureOptimizer
+from fastcurv.optim.kfac import KFAC
 
 __all__ = ["CurvatureOptimizer"]
+__all__ += ["KFAC"]
+from fastcurv.optim.kbfgs import KBFGS, KBFGSL  # noqa: E402
+
+__all__ += ["KBFGS", "KBFGSL"]
