@@ -448,6 +448,9 @@ class _ComplexLinear(torch.autograd.Function):
     * :math:`(dW, dW') = G^\top \bar X`: ``complex_matmul(G^T, G_i^T, X, X', coef=(1, 1, 1, -1))``
       (``(1, 1, 1, 0)`` when dual),
     * :math:`db = \sum_m G_r`, :math:`db' = \sum_m G_i`.
+
+    The products of a gradient plane nobody asked for (``needs_input_grad``) get zero coefficients, so the
+    kernel compiles them out; cotangents go in as they come (any strides, no copies).
     """
 
     @staticmethod
