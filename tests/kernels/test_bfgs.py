@@ -429,6 +429,10 @@ ERRORS = {
     "mixed_dtypes": (TypeError, _foreach(lambda *a: _layer1(a, lambda t: t.float()))),
     "mixed_devices": (ValueError, _foreach(lambda *a: _layer1(a, lambda t: _meta(t.shape)))),
     "layer1_s_shape": (ValueError, _foreach(lambda Hs, ss, ys, T: (Hs, ss[:1] + [ss[0]], ys))),
+    "layer1_empty": (
+        ValueError,
+        _foreach(lambda Hs, ss, ys, T: (Hs[:1] + [T["H"][:0, :0]], ss[:1] + [T["s"][:0]], ys[:1] + [T["y"][:0]])),
+    ),
     "grad_norms_shape": (ValueError, _foreach(lambda *a: a[:3], grad_norms=torch.ones(3))),
     "grad_norms_length": (ValueError, _foreach(lambda *a: a[:3], grad_norms=[1.0])),
     "grad_norms_negative": (ValueError, _foreach(lambda *a: a[:3], grad_norms=[1.0, -1.0])),
