@@ -1,0 +1,288 @@
+"""End-to-end tests of ``fastcurv compare`` / ``fastcurv plot`` (fastcurv.cli + fastcurv.compare).
+
+Runs are tiny (digits or a shrunken CURVES, a few steps bounded by ``--max-steps`` with a generous time
+budget, so they do not depend on the machine's speed). No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+from fastcurv import cli
+from fastcurv import compare as cmp
+from fastcurv.data import load_problem
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# The JSON schema, spelled out here (not imported) so that any change to it fails this test.
+TOP_KEYS = {
+    "schema_version", "versions", "created", "command", "device", "dtype", "seed", "problem", "budget",
+    "batch_size", "evaluation", "reference", "target_train_loss", "optimizers",
+}
+OPT_KEYS = {
+    "name", "class", "hyperparameters", "status", "error", "steps", "skipped_steps", "train_seconds",
+    "wall_seconds", "ms_per_step", "final_train_loss", "final_test_loss", "time_to_target",
+    "time_to_target_ratio", "curve", "evals", "counters", "tuning",
+}
+TINY = ["--max-steps", "3", "--budget-seconds", "300", "--warmup-steps", "1", "--evals", "2"]
+
+
+def _check_outputs(out: Path, problem: str, names: list[str]) -> dict:
+    """The three files exist and are readable; returns the JSON."""
+    png = out / f"compare-{problem}.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    res = json.loads((out / f"compare-{problem}.json").read_text())  # strict JSON: no NaN tokens
+    assert set(res) == TOP_KEYS
+    assert res["schema_version"] == 1
+    assert [r["name"] for r in res["optimizers"]] == names
+    for r in res["optimizers"]:
+        assert set(r) == OPT_KEYS, r["name"]
+        assert set(r["curve"]) == {"step", "seconds", "train_loss"}
+        assert set(r["evals"]) == {"step", "seconds", "train_loss", "test_loss"}
+    assert set(res["versions"]) == {"fastcurv", "torch", "triton", "python"}
+    assert set(res["problem"]) == {"name", "description", "n_train", "n_test", "layer_sizes", "loss", "data"}
+    assert set(res["budget"]) == {"seconds", "max_steps", "warmup_steps", "tune", "tune_seconds"}
+    assert set(res["evaluation"]) == {"train_examples", "test_examples", "n_evals"}
+    assert (out / f"compare-{problem}.txt").read_text().strip()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- main job
+def test_compare_end_to_end_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = cmp.default_optimizers()
+    assert names[0] == "adam" and {"kfac", "kbfgs", "kbfgsl"} <= set(names)
+    rc = cli.main(["compare", "--problem", "digits", "--out", str(tmp_path), "--seed", "3", *TINY])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "Traceback" not in cap.err
+    header = next(ln for ln in cap.out.splitlines() if ln.startswith("optimizer"))
+    for col in ("status", "steps", "ms/step", "train loss", "test loss", "t->target", "time/adam"):
+        assert col in header
+    rows = {ln.split()[0]: ln.split() for ln in cap.out.splitlines() if ln.split() and ln.split()[0] in names}
+    assert set(rows) == set(names)
+
+    res = _check_outputs(tmp_path, "digits", names)
+    assert res["seed"] == 3 and res["problem"]["name"] == "digits" and res["dtype"] == "float32"
+    assert res["budget"]["max_steps"] == 3 and res["reference"] == "adam"
+    assert res["command"][:2] == ["fastcurv", "compare"]
+    recs = res["optimizers"]
+    for r in recs:
+        assert r["status"] == "ok", (r["name"], r["error"])
+        assert r["steps"] == 3 and r["curve"]["step"] == [1, 2, 3]
+        assert r["evals"]["step"][0] == 0 and r["evals"]["step"][-1] == 3
+        assert r["final_train_loss"] == r["evals"]["train_loss"][-1]
+        assert r["hyperparameters"]["lr"] > 0
+        assert all(b >= a for a, b in zip(r["curve"]["seconds"], r["curve"]["seconds"][1:]))
+    # Fairness: same initialisation (identical step-0 evaluation) and same first minibatch (identical first loss).
+    first_eval = {r["evals"]["train_loss"][0] for r in recs}
+    first_batch = {r["curve"]["train_loss"][0] for r in recs}
+    assert len(first_eval) == 1 and len(first_batch) == 1
+    adam = recs[0]
+    assert res["target_train_loss"] == adam["final_train_loss"]
+    assert adam["time_to_target"] is not None and adam["time_to_target_ratio"] == pytest.approx(1.0)
+    by_name = {r["name"]: r for r in recs}
+    assert by_name["kfac"]["hyperparameters"]["fisher"] == "sampled"
+    assert by_name["kbfgs"]["hyperparameters"]["lr"] == pytest.approx(0.3)  # the paper's default
+    assert by_name["kbfgs"]["hyperparameters"]["damping"] == pytest.approx(0.3)
+
+    # The JSON is enough to redraw: `fastcurv plot` reprints the table and writes a PNG.
+    redrawn = tmp_path / "redrawn.png"
+    assert cli.main(["plot", str(tmp_path / "compare-digits.json"), "-o", str(redrawn)]) == 0
+    assert redrawn.read_bytes()[:8] == PNG_MAGIC
+    assert header in capsys.readouterr().out
+
+
+def test_console_script_end_to_end(tmp_path: Path) -> None:
+    """Once through the installed console script (as a user runs it), on a shrunken CURVES."""
+    exe = shutil.which("fastcurv", path=str(Path(sys.executable).parent)) or shutil.which("fastcurv")
+    assert exe, "the `fastcurv` console script is not installed: pip install -e ."
+    cmd = [exe, "compare", "--problem", "curves", "--n-train", "64", "--n-test", "32", "--batch-size", "32",
+           "--optimizers", "adam,kbfgs", "--no-progress", "--out", str(tmp_path / "res"), *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "optimizer" in proc.stdout and "kbfgs" in proc.stdout
+    res = _check_outputs(tmp_path / "res", "curves", ["adam", "kbfgs"])
+    assert res["problem"]["n_train"] == 64 and res["batch_size"] == 32
+    assert all(r["status"] == "ok" and r["steps"] == 3 for r in res["optimizers"])
+
+
+def test_json_roundtrip_of_python_api_and_warmup_does_not_change_the_run(tmp_path: Path) -> None:
+    """run_comparison's dict is strict JSON, and the warm-up (throwaway copy) leaves the timed run unchanged."""
+    problem = load_problem("digits", n_train=200, n_test=50)
+    runs = []
+    for warm in (0, 2):
+        cfg = cmp.CompareConfig(optimizers=["adam", "kbfgs"], budget_seconds=300, max_steps=3, batch_size=50,
+                                warmup_steps=warm, n_evals=1, progress=False)
+        runs.append(cmp.run_comparison(problem, cfg))
+    for a, b in zip(runs[0]["optimizers"], runs[1]["optimizers"]):
+        assert a["curve"]["train_loss"] == b["curve"]["train_loss"], a["name"]
+        assert a["evals"]["train_loss"] == b["evals"]["train_loss"], a["name"]
+    text = json.dumps(runs[1], allow_nan=False)
+    assert set(json.loads(text)) == TOP_KEYS
+    assert "adam" in cmp.format_table(json.loads(text))
+    assert cmp.plot(json.loads(text), tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_tune_picks_best_grid_point(tmp_path: Path) -> None:
+    problem = load_problem("digits", n_train=200, n_test=50)
+    cfg = cmp.CompareConfig(optimizers=["adam"], budget_seconds=300, tune_seconds=300, max_steps=2,
+                            batch_size=50, warmup_steps=0, n_evals=1, tune=True, progress=False)
+    res = cmp.run_comparison(problem, cfg)
+    rec = res["optimizers"][0]
+    grid = rec["tuning"]
+    assert [t["hyperparameters"]["lr"] for t in grid] == [3e-4, 1e-3, 3e-3]
+    best = min(grid, key=lambda t: t["train_loss"])
+    assert rec["hyperparameters"]["lr"] == best["hyperparameters"]["lr"]
+    assert res["budget"]["tune"] is True and res["budget"]["tune_seconds"] == 300
+
+
+# ---------------------------------------------------------------------------------------------- failures
+class _NaNOptimizer:
+    """Test double: steps like SGD, then returns a NaN loss and poisons the parameters at step 2."""
+
+    def __init__(self, model: torch.nn.Module, lr: float = 0.01) -> None:
+        self.params = list(model.parameters())
+        self.param_groups = [{"params": self.params, "lr": lr}]
+        self.k = 0
+
+    def step(self, closure):
+        self.k += 1
+        loss = closure()
+        if self.k >= 2:
+            with torch.no_grad():
+                self.params[0].fill_(float("nan"))
+            return torch.tensor(float("nan"))
+        return loss.detach()
+
+
+class _BlowUpOptimizer(_NaNOptimizer):
+    """Test double: a finite but exploding loss (1e4 x) from step 2 on."""
+
+    def step(self, closure):
+        self.k += 1
+        loss = closure().detach()
+        return loss * 1e4 if self.k >= 2 else loss
+
+
+class _RaisingOptimizer(_NaNOptimizer):
+    def step(self, closure):
+        raise RuntimeError("boom\nsecond line")
+
+
+def test_nonfinite_and_crashing_optimizers_do_not_kill_the_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(cmp.REGISTRY, "nan-opt", cmp.OptimizerEntry("nan-opt", f"{__name__}:_NaNOptimizer", "test"))
+    monkeypatch.setitem(cmp.REGISTRY, "boom-opt", cmp.OptimizerEntry("boom-opt", f"{__name__}:_RaisingOptimizer", "t"))
+    monkeypatch.setitem(cmp.REGISTRY, "big-opt", cmp.OptimizerEntry("big-opt", f"{__name__}:_BlowUpOptimizer", "t"))
+    rc = cli.main(["compare", "--problem", "digits", "--n-train", "200", "--n-test", "50", "--batch-size", "50",
+                   "--optimizers", "adam,nan-opt,boom-opt,big-opt", "--no-progress", "--out", str(tmp_path), *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0
+    res = json.loads((tmp_path / "compare-digits.json").read_text())
+    st = {r["name"]: r for r in res["optimizers"]}
+    assert st["adam"]["status"] == "ok" and st["adam"]["steps"] == 3
+    assert st["nan-opt"]["status"] == "diverged" and st["nan-opt"]["steps"] == 2
+    assert "non-finite" in st["nan-opt"]["error"]
+    assert st["nan-opt"]["final_train_loss"] is None and st["nan-opt"]["curve"]["train_loss"][1] is None
+    assert st["boom-opt"]["status"] == "error" and "RuntimeError: boom second line" in st["boom-opt"]["error"]
+    assert st["nan-opt"]["time_to_target"] is None
+    assert st["big-opt"]["status"] == "diverged" and st["big-opt"]["steps"] == 2 and "initial" in st["big-opt"]["error"]
+    assert st["big-opt"]["final_train_loss"] is not None  # the parameters are fine; only the run was stopped
+    row = next(ln for ln in out.splitlines() if ln.startswith("nan-opt"))
+    assert "diverged" in row and "n/a" in row
+    assert any(ln.startswith("boom-opt") and "error" in ln for ln in out.splitlines())
+
+
+def test_time_to_target_interpolation() -> None:
+    t = [0.0, 1.0, 2.0, 3.0]
+    losses = [10.0, 5.0, 1.0, 0.5]
+    assert cmp.time_to_target(t, losses, 10.0) == 0.0
+    assert cmp.time_to_target(t, losses, 5.0) == pytest.approx(1.0)
+    assert cmp.time_to_target(t, losses, math.sqrt(5.0)) == pytest.approx(1.5)  # halfway in log(loss)
+    assert cmp.time_to_target(t, losses, 0.1) is None
+    assert cmp.time_to_target(t, [10.0, None, 1.0, 0.5], 5.0) == pytest.approx(2.0)  # no bridge across a gap
+
+
+def test_data_order_is_seeded_and_covers_each_epoch() -> None:
+    x = torch.arange(10.0).unsqueeze(1)
+    a = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=5), range(6))]
+    b = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=5), range(6))]
+    c = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=6), range(6))]
+    assert a == b and a != c
+    epoch = sorted(v for batch in a[:3] for v in batch)  # 3 batches of 3 per epoch, last partial one dropped
+    assert len(set(epoch)) == 9 and all(len(batch) == 3 for batch in a)
+
+
+# ---------------------------------------------------------------------------------------------- bad arguments
+def _unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(
+        cmp.REGISTRY, "newton-cg", cmp.OptimizerEntry("newton-cg", "fastcurv.optim:NoSuchOptimizer", "missing")
+    )
+
+
+BAD = {
+    "unknown optimizer": (["--optimizers", "adam,sgdx"], "unknown optimizer 'sgdx'"),
+    "unknown problem": (["--problem", "cifar"], "unknown problem"),
+    "negative budget": (["--budget-seconds", "-5"], "--budget-seconds"),
+    "zero budget": (["--budget-seconds", "0"], "--budget-seconds"),
+    "mnist without data": (["--problem", "mnist"], "mnist"),
+    "missing data file": (["--problem", "faces", "--data", "/nonexistent/faces.npz"], "does not exist"),
+    "unreadable data file": (["--problem", "mnist", "--data", "{garbage}"], "unreadable"),
+    "bad batch size": (["--batch-size", "0"], "--batch-size"),
+    "bad device": (["--device", "tpu"], "--device"),
+    "malformed setting": (["--set", "kfac.lr"], "--set"),
+    "unknown setting key": (["--optimizers", "adam,kbfgs", "--set", "kbfgs.lrr=0.1"], "no argument 'lrr'"),
+    "setting for unselected optimizer": (["--optimizers", "adam", "--set", "kfac.lr=1"], "kfac"),
+    "n-train too large": (["--problem", "digits", "--n-train", "5000"], "n_train"),
+    "unavailable optimizer": (["--optimizers", "newton-cg"], "not available"),
+    "unknown command": (None, "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_arguments_give_one_line_and_nonzero_exit(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args, expected = BAD[case]
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a zip archive")
+    _unavailable(monkeypatch)
+    if args is None:
+        argv = ["frobnicate"]
+    else:
+        argv = ["compare", "--out", str(tmp_path / "out"), *[a.replace("{garbage}", str(garbage)) for a in args]]
+    rc = cli.main(argv)
+    cap = capsys.readouterr()
+    assert rc != 0
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1, cap.err
+    assert lines[0].startswith("fastcurv: error:") and expected in lines[0], lines[0]
+    assert "Traceback" not in cap.err and cap.out == ""
+    assert not (tmp_path / "out" / "compare-mnist.json").exists()
+
+
+def test_unavailable_optimizer_is_skipped_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    _unavailable(monkeypatch)
+    assert "newton-cg" not in cmp.default_optimizers()
+    assert "newton-cg" not in cmp.available_optimizers()
+    with pytest.raises(cmp.CompareError, match="fastcurv.optim.NoSuchOptimizer"):
+        cmp.resolve("newton-cg")
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["compare", "--help"]) == 0
+    assert "--budget-seconds" in capsys.readouterr().out
+    assert cli.main(["--version"]) == 0
+    assert "fastcurv" in capsys.readouterr().out
