@@ -1,13 +1,15 @@
 """fastcurv optimizers: ``torch.optim.Optimizer`` subclasses built on :mod:`fastcurv.ops`.
 
-All share the step protocol ``loss = opt.step(closure)`` (see :mod:`fastcurv.optim._base`).
+All share the step protocol ``loss = opt.step(closure)`` (see :mod:`fastcurv.optim._base`); the methods
+built on curvature-vector products (``NewtonCG``, ``BlockHF``, ``ExactNewton``) also take the minibatch,
+``opt.step(closure, batch=(x, y))``, and the loss function at construction.
 """
 
 from fastcurv.optim._base import CurvatureOptimizer
+from fastcurv.optim.block_hf import BlockHF
+from fastcurv.optim.exact_newton import ExactNewton
+from fastcurv.optim.kbfgs import KBFGS, KBFGSL
 from fastcurv.optim.kfac import KFAC
+from fastcurv.optim.newton_cg import NewtonCG
 
-__all__ = ["CurvatureOptimizer"]
-__all__ += ["KFAC"]
-from fastcurv.optim.kbfgs import KBFGS, KBFGSL  # noqa: E402
-
-__all__ += ["KBFGS", "KBFGSL"]
+__all__ = ["CurvatureOptimizer", "KFAC", "KBFGS", "KBFGSL", "NewtonCG", "BlockHF", "ExactNewton"]

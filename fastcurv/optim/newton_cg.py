@@ -1,0 +1,567 @@
+r"""Newton–CG with complex-step Hessian-vector products (Newton–Krylov with early termination).
+
+.. note::
+   **A reconstruction, not a port.** Shen, Shao, Zhou, Jiang, Luo & Yang (arXiv 2009.07098, 2020) train
+   networks with complex-step (CS) Hessian-vector products and a Newton–Krylov method whose Krylov iteration
+   stops "as soon as a disturbing direction is found" and whose step size is adjusted by "monitoring the
+   Taylor-expansion approximation error". Only the abstract could be read (ALGORITHMS.md §3, §8): the
+   paper's Krylov method, thresholds, step control and defaults are unknown. Everything below is derived
+   here from standard truncated-Newton practice (Steihaug 1983; Nocedal & Wright ch. 7) and the
+   Levenberg–Marquardt rule of Hessian-free optimisation (Martens 2010), and every constant is an option.
+
+Step protocol
+-------------
+Curvature products need the model, the loss function and the minibatch, so the optimizer is built with the
+loss function and each step gets the minibatch::
+
+    opt = NewtonCG(model, loss_fn)                 # loss_fn(model(x), y) -> scalar
+    loss = opt.step(batch=(x, y))                  # gradient and curvature on (x, y)
+    loss = opt.step(closure, batch=(x, y))         # gradient from closure(), curvature on (x, y)
+
+``closure()`` runs the forward pass and returns the loss (the optimizer calls ``backward``), as for every
+fastcurv optimizer; without one it is ``lambda: loss_fn(model(x), y)``. The closure is the objective: its
+gradient is :math:`g`, and it is evaluated once more, without gradients, at the trial point.
+
+One step (parameters :math:`\theta`, all trainable parameters form one block)
+-----------------------------------------------------------------------------
+1. :math:`L_0 = L(\theta)` and :math:`g = \nabla L(\theta)` from the closure.
+2. Truncated CG (:func:`fastcurv.optim._cg.truncated_cg`) on :math:`(H + \lambda I)\,\delta = -g` from
+   :math:`\delta_0 = 0`, with :math:`Hv` the minibatch Hessian-vector product of ``method``:
+   ``"complex-step"`` (default; :math:`Hv = \frac1h\nabla_\theta\,\mathrm{Im}\,L(\theta + ihv)`, one
+   real-plane forward and backward per product, :mod:`fastcurv.hvp`), ``"double-backward"`` (Pearlmutter;
+   the first-order graph is built once per step and each product is one extra backward) or ``"ggn"``
+   (:math:`Gv = J^\top H_\ell J v`, positive semi-definite; the forward graph is built once per step).
+   The CG stops at the first of: a **disturbing direction** :math:`p^\top Hp \le
+   \varepsilon\lVert p\rVert^2` (undamped curvature; returns the current iterate, or at the first
+   iteration the steepest-descent direction :math:`-g` scaled by
+   :math:`t = \lVert g\rVert^2 / (|g^\top H g| + \lambda\lVert g\rVert^2)`, the minimiser along
+   :math:`-g` of the model with :math:`|H|`), relative residual
+   :math:`\lVert r\rVert \le \texttt{cg\_tol}\,\lVert g\rVert`, or ``max_cg_iters`` iterations.
+3. Trial :math:`\theta^+ = \theta + \eta\,\delta` (``lr`` :math:`\eta`) and :math:`L_1 = L(\theta^+)` (the
+   closure again, no gradient).
+4. **Taylor-model check.** The predicted change is the *undamped* quadratic model
+   :math:`q(\eta\delta) = \eta\, g^\top\delta + \tfrac12\eta^2\,\delta^\top H\delta`, with both terms read
+   off the CG (:math:`\delta^\top H\delta = \delta^\top(H+\lambda I)\delta - \lambda\lVert\delta\rVert^2`,
+   :math:`\delta^\top(H+\lambda I)\delta = \delta^\top(-g - r)`: no extra product). The ratio
+   :math:`\rho = (L_1 - L_0)/q` is 1 when the model is exact; if :math:`q \ge 0` (no predicted decrease)
+   :math:`\rho := 1` when :math:`L_1 \le L_0`, else :math:`-\infty`.
+5. **Accept or reject**: the step is kept iff :math:`L_1` is finite and :math:`\rho >` ``accept_ratio``
+   (default 0: the loss went down); otherwise :math:`\theta` is restored.
+6. **Levenberg–Marquardt** (``adapt_damping=True``): :math:`\lambda \leftarrow` ``damping_increase``
+   :math:`\cdot\lambda` (3/2) if :math:`\rho <` ``rho_low`` (1/4) or :math:`L_1` is not finite,
+   :math:`\lambda \leftarrow` ``damping_decrease`` :math:`\cdot\lambda` (2/3) if :math:`\rho >`
+   ``rho_high`` (3/4), clamped to [``min_damping``, ``max_damping``]. :math:`\lambda` plays the role of an
+   inverse trust radius: a larger :math:`\lambda` gives a shorter step closer to :math:`-g/\lambda`. After
+   a disturbing-direction exit, :math:`\lambda` is also raised to at least :math:`-p^\top Hp/\lVert p\rVert^2`
+   (that direction's Rayleigh quotient, a lower bound on :math:`|\lambda_{\min}(H)|`), so the next damped
+   system :math:`H + \lambda I` is not negative along it — the Levenberg–Marquardt counterpart of the
+   trust-region fact that the damped step solves the trust-region problem only for
+   :math:`\lambda \ge -\lambda_{\min}(H)`.
+
+``damping`` (a 0-d tensor hyperparameter) is the initial :math:`\lambda`; the running value is
+:attr:`NewtonCG.lm_damping` (saved in the state dict). With ``adapt_damping=False``, :math:`\lambda` is
+``param_groups[0]["damping"]`` at every step (so a scheduler can drive it).
+
+Non-finite loss, gradient, curvature (a non-finite :math:`p^\top Hp` or residual in the CG) or direction:
+the step is skipped before anything is written — parameters, :math:`\lambda` and counters other than
+``skipped_steps`` bitwise unchanged — or ``FloatingPointError`` with ``on_nonfinite="raise"``. A non-finite
+*trial* loss :math:`L_1` is not a skip: it is the LM rule's case of a step that was too long (rejected,
+:math:`\lambda` increased, counted in ``rejected_steps``).
+
+Side effects: the curvature products leave buffers, RNG and ``.grad`` untouched (:mod:`fastcurv.hvp`); the
+two closure calls are ordinary forwards (a train-mode BatchNorm updates its statistics, dropout draws masks).
+After the step every ``.grad`` holds :math:`\nabla L(\theta)` of the returned loss :math:`L_0`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastcurv import hvp as _hvp
+from fastcurv.optim._base import Closure, CurvatureOptimizer
+from fastcurv.optim._cg import CGResult, Segments, truncated_cg
+
+__all__ = ["NewtonCG"]
+
+LossFn = Callable[[Any, Any], Tensor]
+_METHODS = ("complex-step", "double-backward", "ggn")
+
+
+# --------------------------------------------------------------------------------------------------------
+# flat <-> per-parameter vectors
+# --------------------------------------------------------------------------------------------------------
+class _Flat:
+    """Concatenation of a list of parameters into one flat vector (block after block)."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+
+    def cat(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        return torch.cat(
+            [
+                (torch.zeros(n, dtype=p.dtype, device=p.device) if t is None else t.reshape(-1))
+                for t, p, n in zip(tensors, self.params, self.numels)
+            ]
+        )
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        return [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# curvature operators (built once per step on the curvature batch)
+# --------------------------------------------------------------------------------------------------------
+class _ComplexStepOperator:
+    """:math:`Hv` by the complex step: one planes forward + backward per product (:func:`fastcurv.hvp.hvp`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], flat: _Flat, h: float | None) -> None:
+        self.model, self.loss_fn, self.batch, self.flat, self.h = model, loss_fn, batch, flat, h
+
+    def __call__(self, v: Tensor, active: Sequence[bool]) -> Tensor:
+        hv = _hvp.hvp(
+            self.model, self.loss_fn, self.batch, self.flat.views(v), method="complex-step", h=self.h,
+            params=self.flat.params,
+        )
+        return self.flat.cat(hv)
+
+
+class _DoubleBackwardOperator:
+    r""":math:`Hv = \nabla(\nabla L\cdot v)`: the ``create_graph`` gradient is built once per step, each
+    product is one more backward."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], flat: _Flat) -> None:
+        self.flat = flat
+        ps = flat.params
+        with _hvp._preserved(model, ps, True):
+            loss = loss_fn(model(batch[0]), batch[1])
+            g: Sequence[Tensor | None] = [None] * len(ps)
+            if loss.requires_grad:
+                g = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+        self.live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        self.g = g
+
+    def __call__(self, v: Tensor, active: Sequence[bool]) -> Tensor:
+        if not self.live:
+            return torch.zeros_like(v)
+        vs = self.flat.views(v)
+        hv = torch.autograd.grad(
+            [self.g[i] for i in self.live], self.flat.params, grad_outputs=[vs[i] for i in self.live],
+            retain_graph=True, allow_unused=True,
+        )
+        return self.flat.cat(hv)
+
+
+class _BlockGGNOperator:
+    r"""Block-diagonal GGN :math:`v_b \mapsto G_{bb}v_b = J_b^\top H_\ell J_b v_b` for every block at once.
+
+    One forward per step: the output :math:`o` and :math:`J^\top u` (``create_graph``, linear in a dummy
+    :math:`u`) are built once; then per product and block, :math:`J_b v_b = \partial(J_b^\top u\cdot
+    v_b)/\partial u` (a backward through the backward graph), :math:`H_\ell J_b v_b`
+    (:func:`fastcurv.hvp.loss_hessian_vp`, analytic for CE/BCE/MSE), and :math:`J_b^\top(\cdot)` (a VJP that
+    autograd prunes to the paths reaching block :math:`b`). With one block holding every parameter this is
+    the full GGN product.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], flat: _Flat, blocks: Sequence[Sequence[int]]
+    ) -> None:
+        self.flat, self.blocks, self.loss_fn = flat, [list(b) for b in blocks], loss_fn
+        self.targets = batch[1]
+        ps = flat.params
+        with _hvp._preserved(model, ps, True):
+            o = model(batch[0])
+            if not isinstance(o, Tensor):
+                raise TypeError(f"the GGN needs the model to return a tensor, got {type(o).__name__}")
+            self.o = o
+            if o.requires_grad:
+                self.u = torch.zeros_like(o, requires_grad=True)
+                self.jt_u = torch.autograd.grad(o, ps, grad_outputs=self.u, create_graph=True, allow_unused=True)
+            else:
+                self.u, self.jt_u = None, [None] * len(ps)
+        self.od = o.detach()
+
+    def __call__(self, v: Tensor, active: Sequence[bool]) -> Tensor:
+        vs = self.flat.views(v)
+        out: list[Tensor | None] = [None] * len(vs)
+        for b, idx in enumerate(self.blocks):
+            if not active[b] or self.u is None:
+                continue
+            live = [i for i in idx if self.jt_u[i] is not None and self.jt_u[i].requires_grad]
+            if not live:
+                continue
+            (jv,) = torch.autograd.grad(
+                [self.jt_u[i] for i in live], self.u, grad_outputs=[vs[i] for i in live], retain_graph=True,
+                allow_unused=True,
+            )
+            if jv is None:
+                continue
+            hjv = _hvp.loss_hessian_vp(self.loss_fn, self.od, self.targets, jv.detach())
+            gv = torch.autograd.grad(
+                self.o, [self.flat.params[i] for i in idx], grad_outputs=hjv, retain_graph=True, allow_unused=True
+            )
+            for i, t in zip(idx, gv):
+                out[i] = t
+        return self.flat.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# shared machinery of the damped Newton–Krylov optimizers (NewtonCG, BlockHF)
+# --------------------------------------------------------------------------------------------------------
+def _check_batch(batch: object, who: str) -> tuple[Any, Any]:
+    if batch is None:
+        raise ValueError(
+            f"{who}.step needs the minibatch for its curvature products: opt.step(batch=(x, y)) or "
+            f"opt.step(closure, batch=(x, y)) (the loss is loss_fn(model(x), y))"
+        )
+    if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{who}.step: batch must be a pair (inputs, targets), got {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def _pos_float(name: str, v: object, *, low: float = 0.0, strict: bool = False, high: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    f = float(v)
+    bad = not math.isfinite(f) or f < low or (strict and f == low) or (high is not None and f > high)
+    if bad:
+        rng = f"{'(' if strict else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        raise ValueError(f"{name} must be finite and in {rng}, got {v!r}")
+    return f
+
+
+def _pos_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
+
+
+class _DampedKrylov(CurvatureOptimizer):
+    """Base of :class:`NewtonCG` and :class:`fastcurv.optim.BlockHF`: closure/batch handling, the trial step,
+    the reduction ratio, the Levenberg–Marquardt rule and the saved damping. Subclasses implement
+    :meth:`_direction`."""
+
+    hyperparameters = {"lr": (0.0, None), "damping": (0.0, None)}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        defaults: dict[str, float | Tensor],
+        *,
+        max_cg_iters: int,
+        cg_tol: float,
+        curvature_eps: float,
+        adapt_damping: bool,
+        min_damping: float,
+        max_damping: float,
+        rho_low: float,
+        rho_high: float,
+        damping_increase: float,
+        damping_decrease: float,
+        accept_ratio: float,
+        fallback: str = "sgd",
+        fallback_lr: float = 1e-3,
+        on_nonfinite: str = "skip",
+        compile: bool | str = "auto",
+    ) -> None:
+        name = type(self).__name__
+        if not callable(loss_fn):
+            raise TypeError(
+                f"{name}: loss_fn must be a callable loss_fn(model(x), y) -> scalar, got {type(loss_fn).__name__}"
+            )
+        self.max_cg_iters = _pos_int("max_cg_iters", max_cg_iters)
+        self.cg_tol = _pos_float("cg_tol", cg_tol)
+        self.curvature_eps = _pos_float("curvature_eps", curvature_eps, low=-math.inf)
+        if not isinstance(adapt_damping, bool):
+            raise TypeError(f"adapt_damping must be a bool, got {type(adapt_damping).__name__}")
+        self.adapt_damping = adapt_damping
+        self.min_damping = _pos_float("min_damping", min_damping)
+        self.max_damping = _pos_float("max_damping", max_damping)
+        if self.max_damping < self.min_damping:
+            raise ValueError(f"max_damping ({max_damping}) must be >= min_damping ({min_damping})")
+        self.rho_low = _pos_float("rho_low", rho_low, low=-math.inf)
+        self.rho_high = _pos_float("rho_high", rho_high, low=-math.inf)
+        if self.rho_high < self.rho_low:
+            raise ValueError(f"rho_high ({rho_high}) must be >= rho_low ({rho_low})")
+        self.damping_increase = _pos_float("damping_increase", damping_increase, low=1.0)
+        self.damping_decrease = _pos_float("damping_decrease", damping_decrease, low=0.0, strict=True, high=1.0)
+        self.accept_ratio = _pos_float("accept_ratio", accept_ratio, low=-math.inf)
+        super().__init__(
+            model, defaults, fallback=fallback, fallback_lr=fallback_lr, on_nonfinite=on_nonfinite, compile=compile
+        )
+        self.loss_fn = loss_fn
+        self._lm: Tensor | None = None
+        self._counters.update(
+            cg_iterations=0, curvature_products=0, negative_curvature_exits=0, steepest_descent_steps=0,
+            rejected_steps=0,
+        )
+        #: diagnostics of the last applied step (not saved): rho, damping used, CG exits and iterations
+        self.last_step: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ damping
+    @property
+    def lm_damping(self) -> Tensor:
+        r"""The current Levenberg–Marquardt damping :math:`\lambda` (0-d tensor; the initial value until the
+        first step). Assign a float to reset it."""
+        if self.adapt_damping and self._lm is not None:
+            return self._lm
+        return self.param_groups[0]["damping"]
+
+    @lm_damping.setter
+    def lm_damping(self, value: float) -> None:
+        v = _pos_float("lm_damping", value)
+        if not self.adapt_damping:
+            raise ValueError("adapt_damping=False: set param_groups[0]['damping'] instead")
+        ref = self.param_groups[0]["damping"]
+        self._lm = torch.tensor(v, dtype=ref.dtype, device=ref.device)
+
+    def _current_damping(self) -> Tensor:
+        if not self.adapt_damping:
+            return self.param_groups[0]["damping"]
+        if self._lm is None:
+            return self.param_groups[0]["damping"].clone()
+        return self._lm
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, *, batch: Sequence[Any] | None = None
+    ) -> Tensor:
+        """One step (see the module docstring). ``batch=(x, y)`` is required; ``closure`` defaults to
+        ``lambda: loss_fn(model(x), y)``. Returns the loss at the start of the step (detached)."""
+        self._check_hyper_types()
+        inputs, targets = _check_batch(batch, type(self).__name__)
+        curvature = self._curvature_subset((inputs, targets))  # validated before anything runs
+        if closure is None:
+            model, loss_fn = self.model, self.loss_fn
+
+            def closure() -> Tensor:
+                return loss_fn(model(inputs), targets)
+
+        elif not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        loss, ok = self._step_with(closure, curvature)
+        if ok:
+            self._counters["steps"] += 1
+        return loss
+
+    def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:  # pragma: no cover - step is overridden
+        raise NotImplementedError
+
+    def _curvature_subset(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
+        """The part of ``batch`` the curvature products use (all of it here; BlockHF can take a subset)."""
+        return batch
+
+    def _direction(self, batch: tuple[Any, Any], g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
+        """The CG solve on the curvature ``batch``: ``(result, direction)``, or None (non-finite)."""
+        raise NotImplementedError
+
+    def _preconditioned(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _after_solve(self, res: CGResult, delta: Tensor) -> None:
+        """Hook for state kept from the solution (BlockHF's warm start)."""
+
+    def _step_with(self, closure: Closure, batch: tuple[Any, Any]) -> tuple[Tensor, bool]:
+        loss0 = self._eval_closure(closure)
+        params = self._preconditioned()
+        flat = self._flat
+        grads = [p.grad for p in params]
+        fb = [p.grad for p in self.fallback_params() if p.grad is not None]
+        if not self._all_finite([loss0, *grads, *fb]):
+            self._skip("loss or gradient")
+            return loss0, False
+        g = flat.cat(grads)
+        lam = self._current_damping()
+        out = self._direction(batch, g, lam)
+        if out is None:
+            self._skip("curvature (a non-finite curvature-vector product in CG)")
+            return loss0, False
+        res, delta = out
+        lr = self.param_groups[0]["lr"]
+        gd = -res.cx.sum()  # g^T delta
+        dhd = res.xHx.sum()  # delta^T H delta
+        pred = lr * gd + 0.5 * lr * lr * dhd
+        if not self._all_finite([delta, pred]):
+            self._skip("direction")
+            return loss0, False
+
+        # ---- commit point: from here on the step is applied (possibly rejected) ----
+        self._after_solve(res, delta)
+        self._snapshot_params()
+        with torch.no_grad():
+            torch._foreach_add_(params, torch._foreach_mul(flat.views(delta), lr))
+        self._fallback_update()
+        loss1 = self._trial_loss(closure)
+        l0, l1, q = float(loss0), float(loss1), float(pred)
+        if not math.isfinite(l1):
+            rho = -math.inf
+        elif q < 0:
+            rho = (l1 - l0) / q
+        else:
+            rho = 1.0 if l1 <= l0 else -math.inf
+        accepted = math.isfinite(l1) and rho > self.accept_ratio
+        if not accepted:
+            self._restore_params()
+            self._counters["rejected_steps"] += 1
+        lam_used = float(lam)
+        if self.adapt_damping:
+            new = lam.clone() if self._lm is None else self._lm
+            if rho < self.rho_low:
+                new.mul_(self.damping_increase)
+            elif rho > self.rho_high:
+                new.mul_(self.damping_decrease)
+            bump = float((-res.curvature).clamp_min(0).max())
+            if bump > float(new):
+                new.fill_(bump)
+            new.clamp_(self.min_damping, self.max_damping)
+            self._lm = new
+        self._counters["cg_iterations"] += max(res.iterations)
+        self._counters["curvature_products"] += res.matvecs
+        self._counters["negative_curvature_exits"] += sum(e == "negative_curvature" for e in res.exits)
+        self._counters["steepest_descent_steps"] += sum(e == "steepest_descent" for e in res.exits)
+        self.last_step = dict(
+            loss=l0, trial_loss=l1, predicted=q, rho=rho, accepted=accepted, damping=lam_used,
+            cg_exits=list(res.exits), cg_iterations=list(res.iterations),
+            disturbing_curvature=float(res.curvature.min()),
+        )
+        return loss0, True
+
+    def _trial_loss(self, closure: Closure) -> Tensor:
+        try:
+            loss = closure()
+        except RuntimeError as e:  # e.g. a closure that calls backward() itself
+            raise RuntimeError(
+                f"{type(self).__name__}: the closure is also evaluated without gradients at the trial point, so "
+                f"it must only compute the loss (the optimizer calls backward itself); it raised: {e}"
+            ) from e
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
+        return loss.detach().reshape(())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The base state dict plus the running damping :math:`\\lambda` (``["fastcurv"]["lm_damping"]``)."""
+        sd = super().state_dict()
+        sd["fastcurv"]["lm_damping"] = None if self._lm is None else self._lm.clone()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (parameters' state, counters and the running damping)."""
+        lm = state_dict.get("fastcurv", {}).get("lm_damping")
+        if lm is not None and (not isinstance(lm, Tensor) or lm.dim() != 0):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: lm_damping must be a 0-d tensor, got {lm!r}")
+        super().load_state_dict(state_dict)
+        ref = self.param_groups[0]["damping"]
+        self._lm = None if lm is None else lm.to(device=ref.device).clone()
+
+
+class NewtonCG(_DampedKrylov):
+    r"""Newton–CG (truncated Newton / Newton–Krylov) with complex-step Hessian-vector products.
+
+    A reconstruction from the abstract of Shen et al. 2020 (see the module docstring for the algorithm,
+    its derivation and what is not from the paper).
+
+    Args:
+        model: the model; every trainable parameter is in the Newton system (no fallback).
+        loss_fn: ``loss_fn(model(x), y)`` returns the scalar loss; used for curvature products on
+            ``batch`` (and as the default closure).
+        lr: step length :math:`\eta` applied to the CG direction (0-d tensor hyperparameter), default 1.
+        damping: initial Tikhonov/LM damping :math:`\lambda` (>= 0), default 1.
+        method: curvature product, ``"complex-step"`` (default), ``"double-backward"`` or ``"ggn"``.
+        h: complex-step scale (``None``: :mod:`fastcurv.hvp`'s default); only with ``"complex-step"``.
+        max_cg_iters: CG iteration cap (default 20).
+        cg_tol: relative residual tolerance :math:`\lVert r\rVert \le \text{tol}\lVert g\rVert` (default 0.1,
+            a truncated-Newton forcing term).
+        curvature_eps: :math:`\varepsilon` of the disturbing-direction test :math:`p^\top Hp \le
+            \varepsilon\lVert p\rVert^2` (default 0; a negative value tolerates that much negative curvature,
+            e.g. ``-damping`` tests the damped curvature instead).
+        adapt_damping, min_damping, max_damping, rho_low, rho_high, damping_increase, damping_decrease:
+            the Levenberg–Marquardt rule (defaults True, 1e-8, 1e8, 1/4, 3/4, 3/2, 2/3).
+        accept_ratio: keep the step iff :math:`\rho` > this (default 0: iff the loss decreased).
+        on_nonfinite: ``"skip"`` (default) or ``"raise"``.
+        compile: accepted for symmetry with the other optimizers (the step is host-driven CG; nothing is
+            compiled here).
+
+    Example::
+
+        opt = NewtonCG(model, F.cross_entropy)
+        for x, y in loader:
+            loss = opt.step(batch=(x, y))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        lr: float | Tensor = 1.0,
+        damping: float | Tensor = 1.0,
+        *,
+        method: str = "complex-step",
+        h: float | None = None,
+        max_cg_iters: int = 20,
+        cg_tol: float = 0.1,
+        curvature_eps: float = 0.0,
+        adapt_damping: bool = True,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e8,
+        rho_low: float = 0.25,
+        rho_high: float = 0.75,
+        damping_increase: float = 1.5,
+        damping_decrease: float = 2.0 / 3.0,
+        accept_ratio: float = 0.0,
+        on_nonfinite: str = "skip",
+        compile: bool | str = "auto",
+    ) -> None:
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if h is not None:
+            if method != "complex-step":
+                raise ValueError(f"h applies to method='complex-step' only, got method={method!r}")
+            _pos_float("h", h, strict=True)
+        super().__init__(
+            model, loss_fn, dict(lr=lr, damping=damping), max_cg_iters=max_cg_iters, cg_tol=cg_tol,
+            curvature_eps=curvature_eps, adapt_damping=adapt_damping, min_damping=min_damping,
+            max_damping=max_damping, rho_low=rho_low, rho_high=rho_high, damping_increase=damping_increase,
+            damping_decrease=damping_decrease, accept_ratio=accept_ratio, on_nonfinite=on_nonfinite, compile=compile,
+        )
+        self.method = method
+        self.h = h
+        params = list(self.param_groups[0]["params"])
+        self._flat = _Flat(params)
+        self._segments = Segments([sum(self._flat.numels)], params[0].device)
+        desc = "Newton-CG (GGN)" if method == "ggn" else f"Newton-CG ({method} Hessian)"
+        self._set_preconditioned({p: desc for p in params})
+
+    def _preconditioned(self) -> list[Tensor]:
+        return self._flat.params
+
+    def _operator(self, batch: tuple[Any, Any]) -> Callable[[Tensor, Sequence[bool]], Tensor]:
+        if self.method == "complex-step":
+            return _ComplexStepOperator(self.model, self.loss_fn, batch, self._flat, self.h)
+        if self.method == "double-backward":
+            return _DoubleBackwardOperator(self.model, self.loss_fn, batch, self._flat)
+        return _BlockGGNOperator(self.model, self.loss_fn, batch, self._flat, [list(range(len(self._flat.params)))])
+
+    def _direction(self, batch: tuple[Any, Any], g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
+        op = self._operator(batch)
+        res = truncated_cg(
+            op, -g, self._segments, shift=lam, max_iters=self.max_cg_iters, tol=self.cg_tol, eps=self.curvature_eps
+        )
+        if not res.finite:
+            return None
+        return res, res.x
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        return (
+            f"NewtonCG(lr={float(g['lr']):g}, damping={float(self.lm_damping):g}, method={self.method!r}, "
+            f"max_cg_iters={self.max_cg_iters}, cg_tol={self.cg_tol:g})"
+        )
