@@ -18,18 +18,26 @@ hyperparameter to a Python number later is caught at the next step with the reme
 
 Non-finite loss, gradient or curvature: with ``on_nonfinite="skip"`` (default) the step is skipped, every
 parameter and state tensor is left bitwise unchanged and ``opt.skipped_steps`` counts it; with
-``on_nonfinite="raise"`` a ``FloatingPointError`` is raised instead (state also unchanged).
+``on_nonfinite="raise"`` a ``FloatingPointError`` is raised instead (state also unchanged). A non-finite
+value found in the optimizer *state* (corrupted from outside a step) is repaired by the subclass and counted
+in ``counters()["state_resets"]``.
+
+Data parallel (``distributed=``, :mod:`fastcurv.distributed`) and mixed precision (``step(closure,
+scaler=...)`` for ``torch.amp.GradScaler``; bf16 autocast inside the closure): docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fastcurv.distributed import communicator, is_ddp
 
 __all__ = ["CurvatureOptimizer", "Closure", "maybe_compile"]
 
@@ -64,6 +72,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         on_nonfinite: ``"skip"`` or ``"raise"``.
         compile: compile the update part of the step with ``torch.compile(fullgraph=True)``; ``"auto"``
             (default) compiles when the parameters live on CUDA.
+        distributed: data-parallel behaviour when a ``torch.distributed`` process group of more than one
+            process is initialised (:mod:`fastcurv.distributed`, docs/distributed.md): ``"replicate"``
+            (default: curvature statistics are all-reduced, every rank computes everything), ``"owner"``
+            (expensive per-layer work is done by one owner rank per layer and shared) or ``"off"``. Without
+            a group, or with one process, the single-process code runs unchanged.
+        process_group: the group to use (default: the default group).
     """
 
     #: hyperparameter name -> (low, high), inclusive bounds; None = unbounded
@@ -78,6 +92,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
+        distributed: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -102,7 +118,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": params}], tensors)
         if fallback == "adamw":
             self.param_groups[0]["fallback_lr"] = self._hyper_tensor("fallback_lr", fallback_lr, ref)
-        self._counters: dict[str, int] = {"steps": 0, "skipped_steps": 0}
+        self._comm = communicator(distributed, process_group)
+        self.distributed = distributed
+        if self._comm is not None and not self._supports_distributed:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no data-parallel support yet (its curvature would differ between the "
+                f"{self._comm.world_size} ranks and they would diverge); pass distributed='off' to run independent "
+                f"processes"
+            )
+        if self._comm is not None and not is_ddp(model):
+            warnings.warn(
+                f"{type(self).__name__}: a process group of {self._comm.world_size} is initialised, so curvature "
+                f"statistics are averaged over its ranks, but the model is not a DistributedDataParallel wrapper "
+                f"(gradients are not averaged by fastcurv): build the optimizer from the DDP-wrapped model, or "
+                f"pass distributed='off' for independent processes",
+                stacklevel=3,
+            )
+        self._counters: dict[str, int] = {"steps": 0, "skipped_steps": 0, "state_resets": 0}
         self._method: dict[Tensor, str] = {}
         self._snap: list[Tensor] | None = None
 
@@ -137,6 +169,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Record, for each parameter, how it is updated: ``mapping`` holds the preconditioned ones
         (param -> a short description, e.g. ``"K-BFGS layer fc1 (weight+bias)"``); the rest go to the fallback."""
         self._method = dict(mapping)
+        self._init_fallback_state()
+
+    def _init_fallback_state(self) -> None:
+        """Create the fallback rule's state (zeros) for every fallback parameter now rather than at its first
+        update, so the state dict has a fixed structure from construction on (``torch.distributed.checkpoint``
+        loads in place into the structure of the target's state dict)."""
+        for p in self.fallback_params():
+            st = self.state[p]
+            if self.fallback == "sgd":
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+            elif "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+                st["adam_step"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
     def fallback_params(self) -> list[Tensor]:
         """Parameters updated by the fallback rule, in ``model.parameters()`` order."""
@@ -268,13 +315,64 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
-        """One optimisation step; see the module docstring for the protocol. Returns the loss (detached)."""
+    def step(self, closure: Closure | None = None, *, scaler: Any = None) -> Tensor | None:  # type: ignore[override]
+        r"""One optimisation step; see the module docstring for the protocol. Returns the loss (detached).
+
+        ``scaler``: a ``torch.amp.GradScaler`` (fp16 mixed precision). The optimizer backpropagates
+        ``scaler.scale(loss)``, calls ``scaler.unscale_(self)`` once and divides the captured curvature
+        statistics by the scale (:math:`S^2` for :math:`G`, :math:`S` for :math:`\bar g`) before they are
+        used; a step whose unscaled gradients overflowed is skipped like any non-finite step. Call
+        ``scaler.update()`` after ``step`` (never ``scaler.step(opt)``: it does not take a closure). In the
+        plain loop: ``scaler.scale(loss).backward(); opt.step(scaler=scaler); scaler.update()``.
+        """
         self._check_hyper_types()
-        loss, ok = self._step(closure)
+        if scaler is not None and not self._supports_scaler:
+            raise TypeError(f"{type(self).__name__}.step does not support a GradScaler (scaler=)")
+        self._scaler = scaler
+        try:
+            loss, ok = self._step(closure)
+        finally:
+            self._scaler = None
         if ok:
             self._counters["steps"] += 1
         return loss
+
+    # ------------------------------------------------------------------ mixed precision, data parallel
+    _scaler: Any = None
+    #: whether the subclass unscales its gradients and statistics (``step(..., scaler=)``)
+    _supports_scaler = False
+    #: whether the subclass reduces its curvature over the ranks of a process group (``distributed=``)
+    _supports_distributed = False
+
+    def _backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """``loss.backward(**kwargs)``, through the step's GradScaler when there is one."""
+        (loss if self._scaler is None else self._scaler.scale(loss)).backward(**kwargs)
+
+    def _unscale(self, *, user_backward: bool = False) -> float:
+        """With a GradScaler: unscale the gradients (``scaler.unscale_(self)``, once per step) and return
+        :math:`1/S` for the statistics captured in the scaled backward; 1.0 without one.
+
+        ``user_backward``: the plain loop, where the user may already have called ``scaler.unscale_(opt)``
+        (e.g. to clip gradients); with a closure the optimizer ran backward itself, so an earlier
+        ``unscale_`` means ``scaler.update()`` was not called after the previous step (an error)."""
+        sc = self._scaler
+        if sc is None or not sc.is_enabled():
+            return 1.0
+        try:
+            sc.unscale_(self)
+        except RuntimeError as e:
+            if "already been called" not in str(e):
+                raise
+            if not user_backward:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step(closure, scaler=scaler): the scaler was already used on this "
+                    f"optimizer since its last update(); call scaler.update() after every step"
+                ) from e
+        return 1.0 / float(sc.get_scale())
+
+    def _consensus(self, flags: Tensor) -> Tensor:
+        """Finiteness flags agreed by every rank (entry True iff True everywhere); unchanged alone."""
+        return flags if self._comm is None else self._comm.all_true(flags)
 
     def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:
         raise NotImplementedError
@@ -294,5 +392,5 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             # A closure written for torch.optim.LBFGS calls backward itself; don't do it twice.
             already = any(p.grad is not None for p in self.param_groups[0]["params"])
             if backward and not already and loss.requires_grad:
-                loss.backward()
+                self._backward(loss)
         return loss.detach()

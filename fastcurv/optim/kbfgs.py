@@ -69,6 +69,13 @@ Choices and deviations (all documented here; none changes the default float64 it
   A *curvature pair* that fails a skip rule is not a skipped step: that one factor update is skipped, as
   in the code (counted per layer, see :meth:`counters`).
 
+Data parallel (DDP; :mod:`fastcurv.distributed`): the captured :math:`A_B`, :math:`\bar a`, :math:`\bar h`,
+:math:`\bar g` (and :math:`\bar h^+`, :math:`\bar g^+`) are averaged over the ranks (weighted by rows), the
+second pass runs under ``ddp.no_sync()``, and the skip decision is agreed by all ranks; with
+``distributed="owner"`` each layer's phase-2 update runs on one rank and is shared. A non-finite value in
+the state (corrupted from outside) makes the step skip and re-initialises that layer (``state_resets``).
+Mixed precision: ``step(closure, scaler=...)``. See docs/distributed.md.
+
 Performance: the update part of the step is two functions of tensors (phase 1 before the second closure,
 phase 2 after it), each compiled with ``torch.compile(fullgraph=True, dynamic=False)`` when ``compile`` is
 on (``"auto"``: on CUDA) — two graphs in all. The first step (the only one that inverts :math:`A_{LM}`)
@@ -79,6 +86,7 @@ schedulers never recompile; state shapes are fixed (the L-BFGS memory too), so n
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -86,6 +94,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcurv import ops
+from fastcurv import distributed as fdist
 from fastcurv.capture import Capture
 from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
 from fastcurv.optim._lbfgs import lbfgs_append, lbfgs_apply, lbfgs_memory
@@ -184,6 +193,7 @@ def _phase1(
             torch.isfinite(h_means[i]).all(),
             torch.isfinite(g_means[i]).all(),
             torch.isfinite(delta).all(),
+            torch.isfinite(A).all(),
         ]
         new_m.append(M)
         new_A.append(A)
@@ -341,13 +351,15 @@ class _KBFGSBase(CurvatureOptimizer):
         "stat_decay": (0.0, 1.0),
         "pair_decay": (0.0, 1.0),
     }
+    _supports_scaler = True
+    _supports_distributed = True
     _limited = False
     _label = "K-BFGS"
 
     #: Optional phase timer (benchmarks): ``name -> context manager`` wrapped around each phase of
     #: :meth:`step` — ``"pass1"`` (closure + backward with capture at θ_k), ``"phase1"`` (momentum, A,
     #: direction, θ update), ``"pass2"``, ``"check"`` (the host sync), ``"phase2"`` (pairs, H_g and H_a
-    #: updates), ``"fallback"``. None (default): no timing.
+    #: updates), ``"share"`` (``distributed="owner"`` only), ``"fallback"``. None (default): no timing.
     phase_timer: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None
 
     def __init__(
@@ -364,6 +376,8 @@ class _KBFGSBase(CurvatureOptimizer):
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
+        distributed: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -374,7 +388,14 @@ class _KBFGSBase(CurvatureOptimizer):
             pair_decay=pair_decay,
         )
         super().__init__(
-            model, defaults, fallback=fallback, fallback_lr=fallback_lr, on_nonfinite=on_nonfinite, compile=compile
+            model,
+            defaults,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
+            on_nonfinite=on_nonfinite,
+            compile=compile,
+            distributed=distributed,
+            process_group=process_group,
         )
         if float(self.param_groups[0]["damping"]) <= 0:
             raise ValueError(
@@ -408,6 +429,15 @@ class _KBFGSBase(CurvatureOptimizer):
         self._p1_first = _phase1
         self._p1 = maybe_compile(_phase1, self.compile_enabled)
         self._p2 = maybe_compile(_phase2, self.compile_enabled)
+        # distributed="owner": owner rank of each layer's phase-2 work (cost ~ d_g^2 + d_a^2 per step)
+        self._owners = (
+            self._comm.owners([L.d_g**2 + L.d_a**2 for L in self._layers]) if self._comm is not None else []
+        )
+
+    def _phase2_keys(self) -> tuple[str, ...]:
+        """State entries written by phase 2 (shared from the owner ranks with ``distributed="owner"``)."""
+        hg = ("lbfgs_S", "lbfgs_Y", "lbfgs_count", "lbfgs_left", "lbfgs_right") if self._limited else ("H_g",)
+        return ("H_a", *hg, "s_avg", "y_avg", "rejected_g", "rejected_a")
 
     # ------------------------------------------------------------------ construction helpers
     def _hg_desc(self, d_g: int) -> str:
@@ -468,13 +498,16 @@ class _KBFGSBase(CurvatureOptimizer):
         cap = self.capture
         cap.reset("A")
         n = 0
-        with cap.mode({"A"}), torch.enable_grad():
+        with cap.mode({"A"}), torch.enable_grad(), fdist.no_sync(self.model):  # forwards only: no DDP sync
             for c in closures:
                 c()
                 n += 1
         self.zero_grad(set_to_none=True)
         if n == 0:
             raise ValueError("warm_start needs at least one closure")
+        if self._comm is not None:
+            sts = [L.stats for L in self._layers]
+            self._comm.weighted_mean_([st.A for st in sts], [st.n_A for st in sts], counters=[st.n_s for st in sts])
         As = [L.stats.A for L in self._layers]
         if not self._all_finite(As):
             raise FloatingPointError(f"{type(self).__name__}.warm_start: the input statistic A is not finite")
@@ -511,8 +544,61 @@ class _KBFGSBase(CurvatureOptimizer):
                 raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
             already = any(p.grad is not None for p in self.param_groups[0]["params"])
             if not already and loss.requires_grad:
-                torch.autograd.backward(loss, inputs=self._pass2_inputs)
+                scaled = loss if self._scaler is None else self._scaler.scale(loss)
+                torch.autograd.backward(scaled, inputs=self._pass2_inputs)
         return loss.detach()
+
+    def _prepare_stats(self, names: tuple[str, ...], inv_scale: float) -> None:
+        r"""Make the captured statistics ``names`` final: divide :math:`\bar g` by a GradScaler's scale, then,
+        under data parallelism, replace them by their row-weighted means over all ranks (one all-reduce per
+        dtype, :meth:`fastcurv.distributed.Communicator.weighted_mean_`)."""
+        sts = [L.stats for L in self._layers]
+        if inv_scale != 1.0 and "g_mean" in names:
+            for st in sts:
+                st.g_mean.mul_(inv_scale)
+        if self._comm is None or not sts:
+            return
+        counter = {"A": "n_A", "a_mean": "n_a", "h_mean": "n_h", "g_mean": "n_g"}
+        means = [getattr(st, n) for n in names for st in sts]
+        weights = [getattr(st, counter[n]) for n in names for st in sts]
+        self._comm.weighted_mean_(means, weights, counters=[st.n_s for st in sts] if "A" in names else ())
+
+    def _layer_state(self, L: _Layer) -> list[Tensor]:
+        """The floating-point state tensors of one layer."""
+        return [v for v in self.state[L.weight].values() if v.is_floating_point()]
+
+    def _repair_state(self) -> None:
+        r"""After a skipped step: find layers whose state holds a non-finite value (corrupted from outside
+        the step — nothing a step commits is non-finite) and re-initialise them: momentum, pair averages 0,
+        :math:`A` = this batch's statistic (0 if it is not finite), :math:`H_a = (A + \sqrt\lambda I)^{-1}`,
+        :math:`H_g = I` (an empty L-BFGS memory). Counted in ``state_resets``."""
+        if not self._layers:
+            return
+        flags = torch.stack(
+            [torch.stack([torch.isfinite(t).all() for t in self._layer_state(L)]).all() for L in self._layers]
+        )
+        bad = [L for L, ok in zip(self._layers, self._consensus(flags).tolist()) if not ok]
+        if not bad:
+            return
+        sqrt_lam = self.param_groups[0]["damping"].sqrt()
+        for L in bad:
+            st = self.state[L.weight]
+            kw = dict(dtype=self._sdtype, device=L.weight.device)
+            A = L.stats.A if bool(torch.isfinite(L.stats.A).all()) else torch.zeros(L.d_a, L.d_a, **kw)
+            st["grad_momentum"].zero_()
+            st["s_avg"].zero_()
+            st["y_avg"].zero_()
+            st["A"] = A.clone()
+            eye = torch.eye(L.d_a, **kw)
+            st["H_a"] = torch.linalg.inv(st["A"] + sqrt_lam.to(A.dtype) * eye).contiguous()
+            self._init_hg(st, L, kw)
+            self._counters["state_resets"] += 1
+        warnings.warn(
+            f"{type(self).__name__}: non-finite optimizer state in layer(s) {', '.join(L.name for L in bad)} "
+            f"(corrupted from outside the step); re-initialised (counted in counters()['state_resets'])",
+            RuntimeWarning,
+            stacklevel=6,  # the caller of opt.step (through torch.optim.Optimizer's step wrappers)
+        )
 
     def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:
         cap = self.capture
@@ -529,6 +615,8 @@ class _KBFGSBase(CurvatureOptimizer):
             cap.reset()
             with cap.mode("a_factor+means"):
                 loss = self._eval_closure(closure)
+            inv_scale = self._unscale()
+            self._prepare_stats(("A", "a_mean", "h_mean", "g_mean"), inv_scale)
 
         # --- phase 1: momentum, A, (first step: H_a), direction, theta <- theta + lr p
         Hgs, lefts, rights, mem = self._hg_lists()
@@ -563,43 +651,67 @@ class _KBFGSBase(CurvatureOptimizer):
         with timer("pass2"):
             grads1 = [p.grad for p in params]
             cap.reset("h_mean", "g_mean")
-            with cap.mode("means"):
+            with cap.mode("means"), fdist.no_sync(self.model):
                 loss2 = self._eval_second_pass(closure)
             for p, g in zip(params, grads1):
                 p.grad = g
+            self._prepare_stats(("h_mean", "g_mean"), inv_scale)
         h2 = [L.stats.h_mean for L in layers]
         g2 = [L.stats.g_mean for L in layers]
 
         # --- one host sync: is everything finite?
         with timer("check"):
-            checks = [ok1, torch.isfinite(loss2), torch.stack([torch.isfinite(t).all() for t in h2 + g2]).all()]
-            flags = torch.stack(checks).tolist()
+            pairs = [s[k] for s in stt for k in ("s_avg", "y_avg")]
+            checks = [
+                ok1,
+                torch.isfinite(loss2),
+                torch.stack([torch.isfinite(t).all() for t in h2 + g2]).all(),
+                torch.stack([torch.isfinite(t).all() for t in pairs]).all(),
+                torch.stack([L.stats.n_A.reshape(()) > 0 for L in layers]).any(),
+            ]
+            flags = self._consensus(torch.stack(checks)).tolist()
+        if not flags[-1]:
+            self._restore_params()
+            raise ValueError(
+                f"{type(self).__name__}: no layer received any rows in the first pass (an empty batch, or a forward "
+                f"run under no_grad); nothing was changed"
+            )
         if not all(flags):
             self._restore_params()
+            self._repair_state()
             what = (
                 "loss, gradient, captured statistic or direction (first pass)",
                 "loss (second pass)",
                 "captured statistic (second pass)",
+                "optimizer state",
+                "",
             )
             self._skip(", ".join(w for w, f in zip(what, flags) if not f))
             return loss, False
 
         # --- phase 2: curvature pairs and factor updates (in place), then commit phase 1's outputs
+        # with distributed="owner" each layer's pair and factor updates run on its owner rank only
+        comm = self._comm if self._comm is not None and self._comm.owner_mode else None
+        mine = list(range(len(layers))) if comm is None else [i for i, r in enumerate(self._owners) if r == comm.rank]
+
+        def pick(xs: list[Any]) -> list[Any]:
+            return xs if comm is None or not xs else [xs[i] for i in mine]
+
         with timer("phase2"):
             self._p2(
-                As,
-                Has,
-                Hgs,
-                mem,
-                [s["s_avg"] for s in stt],
-                [s["y_avg"] for s in stt],
-                [s["rejected_g"] for s in stt],
-                [s["rejected_a"] for s in stt],
-                [L.stats.a_mean for L in layers],
-                h1,
-                g1,
-                h2,
-                g2,
+                pick(As),
+                pick(Has),
+                pick(Hgs),
+                pick(mem),
+                pick([s["s_avg"] for s in stt]),
+                pick([s["y_avg"] for s in stt]),
+                pick([s["rejected_g"] for s in stt]),
+                pick([s["rejected_a"] for s in stt]),
+                pick([L.stats.a_mean for L in layers]),
+                pick(h1),
+                pick(g1),
+                pick(h2),
+                pick(g2),
                 group["damping"],
                 group["pair_decay"],
                 limited=self._limited,
@@ -608,6 +720,10 @@ class _KBFGSBase(CurvatureOptimizer):
             s["grad_momentum"] = M
             s["A"] = A
             s["H_a"] = Ha
+        if comm is not None:
+            with timer("share"):
+                keys = self._phase2_keys()
+                comm.share_from_owners_([s[k] for s in stt for k in keys], [r for r in self._owners for _ in keys])
         with timer("fallback"):
             self._fallback_update()
         return loss, True
@@ -631,7 +747,8 @@ class KBFGS(_KBFGSBase):
         weight_decay: τ, coupled L2 on weights and biases (added to the gradient before the momentum).
         stat_decay: β of the EMA of :math:`A` (0.9).
         pair_decay: EMA factor of the :math:`H_g` pair (0.9; the code uses 0 for full-batch training).
-        fallback, fallback_lr, on_nonfinite, compile: see :class:`~fastcurv.optim._base.CurvatureOptimizer`.
+        fallback, fallback_lr, on_nonfinite, compile, distributed, process_group: see
+            :class:`~fastcurv.optim._base.CurvatureOptimizer`.
 
     State per layer (in ``state[weight]``): ``grad_momentum`` (d_g, d_a), ``A``, ``H_a`` (d_a, d_a), ``H_g``
     (d_g, d_g), ``s_avg``, ``y_avg`` (d_g,), ``rejected_g``, ``rejected_a`` (int64 counters).

@@ -36,7 +36,14 @@ at 0) and the elementwise scaling :math:`1/((e_G+\delta_G)(e_A+\delta_A)^\top)`.
 :math:`\delta + s\sqrt{\varepsilon}\cdot\{1, 10^3, 10^6\}` (:math:`s` = mean :math:`|F_{ii}|`), then replaced by
 the PSD projection :math:`Q\,\mathrm{diag}(1/(\max(e, 0) + \delta'))\,Q^\top`; if even that fails the previous
 inverse is kept. Each case is counted (:meth:`KFAC.counters`: ``jitter_fallbacks``, ``psd_fallbacks``,
-``inverse_failures``); no NaN ever reaches the state.
+``inverse_failures``); no NaN ever reaches the state. A non-finite factor, momentum or inverse found in
+the state (corrupted from outside the step) is reset — a factor restarts from the batch statistic — and the
+affected inverses are refreshed in the same step (``state_resets``).
+
+Data parallel (DDP; :mod:`fastcurv.distributed`): the batch :math:`A`, :math:`G` are averaged over the
+ranks (weighted by rows) before the EMA; ``distributed="owner"`` gives each factorisation to one rank and
+shares the result. Mixed precision: ``step(closure, scaler=...)`` unscales gradients and :math:`G`.
+See docs/distributed.md.
 
 Convolutions (KFC, Grosse & Martens 2016): :math:`\bar a` are the ``F.unfold`` patches (one row per sample and
 output position, columns like ``weight.flatten(1)``), :math:`g` the output gradients at each position. The
@@ -158,11 +165,13 @@ def _stats_update(
         G.mul_(bt).add_(Gb * (1 - bt))
 
 
-def _health_flags(tensors: list[Tensor], n_A: list[Tensor], n_G: list[Tensor]) -> Tensor:
-    """One bool vector: ``isfinite(t).all()`` for each tensor, then ``n_A > 0 and n_G > 0`` for each layer
-    (compiled, it is a couple of fused reductions instead of two kernels per tensor)."""
+def _health_flags(tensors: list[Tensor], n_A: list[Tensor], n_G: list[Tensor], state: list[Tensor]) -> Tensor:
+    """One bool vector: ``isfinite(t).all()`` for each tensor, then ``n_A > 0 and n_G > 0`` for each layer,
+    then ``isfinite(t).all()`` for each optimizer-state tensor (compiled, it is a couple of fused reductions
+    instead of two kernels per tensor)."""
     flags = [torch.isfinite(t).all() for t in tensors]
     flags += [((a > 0) & (g > 0)).reshape(()) for a, g in zip(n_A, n_G)]
+    flags += [torch.isfinite(t).all() for t in state]
     return torch.stack(flags)
 
 
@@ -245,7 +254,8 @@ class KFAC(CurvatureOptimizer):
             bf16/fp16 parameters).
         layers: restrict preconditioning to these modules (or qualified names); default every supported layer.
         seed: seed of the generator used for sampled targets (default: drawn from the global RNG).
-        fallback, fallback_lr, on_nonfinite, compile: see :class:`~fastcurv.optim._base.CurvatureOptimizer`.
+        fallback, fallback_lr, on_nonfinite, compile, distributed, process_group: see
+            :class:`~fastcurv.optim._base.CurvatureOptimizer`.
     """
 
     hyperparameters = {
@@ -256,6 +266,8 @@ class KFAC(CurvatureOptimizer):
         "stat_decay": (0.0, 1.0),
         "kl_clip": (0.0, None),
     }
+    _supports_scaler = True
+    _supports_distributed = True
 
     def __init__(
         self,
@@ -279,6 +291,8 @@ class KFAC(CurvatureOptimizer):
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
+        distributed: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         if isinstance(inv_every, bool) or not isinstance(inv_every, int) or inv_every < 1:
             raise ValueError(f"inv_every must be an int >= 1, got {inv_every!r}")
@@ -324,7 +338,14 @@ class KFAC(CurvatureOptimizer):
         if kl_clip is not None:
             defaults["kl_clip"] = kl_clip
         super().__init__(
-            model, defaults, fallback=fallback, fallback_lr=fallback_lr, on_nonfinite=on_nonfinite, compile=compile
+            model,
+            defaults,
+            fallback=fallback,
+            fallback_lr=fallback_lr,
+            on_nonfinite=on_nonfinite,
+            compile=compile,
+            distributed=distributed,
+            process_group=process_group,
         )
         g = self.param_groups[0]
         if float(g["momentum"]) >= 1.0:
@@ -459,7 +480,7 @@ class KFAC(CurvatureOptimizer):
             already = any(p.grad is not None for p in self.param_groups[0]["params"])
             if self.fisher == "empirical":
                 if not already and loss.requires_grad:
-                    loss.backward()
+                    self._backward(loss)
             else:
                 if already:
                     raise ValueError(
@@ -471,11 +492,13 @@ class KFAC(CurvatureOptimizer):
                         "fisher='sampled' needs the model output: let the closure return (loss, output)"
                     )
                 if loss.requires_grad:
-                    loss.backward(retain_graph=True)
+                    self._backward(loss, retain_graph=True)
                 self._cap.reset("G")
                 sloss = self._sampled_loss(output)
                 ws = [lay.weight for lay in self._layers]
                 if ws and sloss.requires_grad:
+                    if self._scaler is not None:
+                        sloss = self._scaler.scale(sloss)
                     torch.autograd.grad(sloss, ws, allow_unused=True)
         return loss.detach()
 
@@ -490,17 +513,60 @@ class KFAC(CurvatureOptimizer):
             Ls.append((st.n_A.to(st.A.dtype) / st.n_s.clamp(min=1).to(st.A.dtype)).reshape(()))
         return As, Gs, Ls
 
+    def _prepare_stats(self, layers: list[_Layer], *, user_backward: bool = False) -> None:
+        """Make the captured batch statistics final: divide out a GradScaler's scale (:math:`G` was built
+        from gradients scaled by :math:`S`), then, under data parallelism, replace each rank's statistics by
+        the row-weighted mean over all ranks (:meth:`fastcurv.distributed.Communicator.weighted_mean_`)."""
+        inv = self._unscale(user_backward=user_backward)
+        if inv != 1.0:
+            for lay in layers:
+                lay.stats.G.mul_(inv * inv)
+                lay.stats.g_mean.mul_(inv)
+        if self._comm is not None and layers:
+            sts = [lay.stats for lay in layers]
+            self._comm.weighted_mean_(
+                [st.A for st in sts] + [st.G for st in sts],
+                [st.n_A for st in sts] + [st.n_G for st in sts],
+                counters=[st.n_s for st in sts],
+            )
+
+    def _state_tensors(self, lay: _Layer) -> list[Tensor]:
+        s = self.state[lay.weight]
+        return [s[k] for k in self._STATE_KEYS[self._eigen]]
+
+    _STATE_KEYS = {False: ("A", "G", "momentum", "A_inv", "G_inv"), True: ("A", "G", "momentum", "QA", "QG", "scale")}
+
     def _check_and_filter(
         self, loss: Tensor | None, layers: list[_Layer], As: list[Tensor], Gs: list[Tensor]
-    ) -> tuple[bool, list[int]]:
-        """One host sync: are loss, gradients and batch factors finite; which layers got no statistics."""
+    ) -> tuple[bool, list[int], list[int], list[int]]:
+        """One host sync: are loss, gradients and batch factors finite; which layers got no statistics;
+        which layers hold a non-finite factor (A or G), which a non-finite momentum or inverse (outside
+        corruption: nothing a step writes is non-finite). Under data parallelism the flags are agreed by all
+        ranks first."""
         ts = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None] + As + Gs
         if loss is not None:
             ts.append(loss.reshape(1))  # shape (1,): a 0-d input would be specialised with a NaN guard (recompile)
         if not ts:
-            return True, []
-        vals = self._health_fn(ts, [lay.stats.n_A for lay in layers], [lay.stats.n_G for lay in layers]).tolist()
-        return all(vals[: len(ts)]), [i for i, v in enumerate(vals[len(ts) :]) if not v]
+            return True, [], [], []
+        k = len(self._STATE_KEYS[self._eigen])
+        state = [t for lay in layers for t in self._state_tensors(lay)]
+        flags = self._health_fn(ts, [lay.stats.n_A for lay in layers], [lay.stats.n_G for lay in layers], state)
+        vals = self._consensus(flags).tolist()
+        n = len(ts)
+        missing = [i for i, v in enumerate(vals[n : n + len(layers)]) if not v]
+        st = vals[n + len(layers) :]
+        bad_factors = [i for i in range(len(layers)) if not all(st[i * k : i * k + 2])]
+        bad_other = [i for i in range(len(layers)) if not all(st[i * k + 2 : (i + 1) * k])]
+        return all(vals[:n]), missing, bad_factors, bad_other
+
+    def _warn_reset(self, layers: list[_Layer], what: str) -> None:
+        self._counters["state_resets"] += len(layers)
+        warnings.warn(
+            f"KFAC: non-finite {what} in the optimizer state of layer(s) {', '.join(lay.name for lay in layers)} "
+            f"(corrupted from outside the step); reset (counted in counters()['state_resets'])",
+            RuntimeWarning,
+            stacklevel=6,  # the caller of opt.step (through torch.optim.Optimizer's step wrappers)
+        )
 
     def _active_layers(self) -> list[_Layer]:
         return [lay for lay in self._layers if lay.weight.grad is not None]
@@ -616,12 +682,33 @@ class KFAC(CurvatureOptimizer):
         self._counters["inverse_failures"] += 1
         return None
 
+    _FALLBACK_COUNTERS = ("jitter_fallbacks", "psd_fallbacks", "inverse_failures")
+
     def _refresh_inverses(self, layers: list[_Layer]) -> None:
-        """Step 4 for every layer in ``layers`` (eager: Cholesky/eigh with data-dependent fallbacks)."""
+        """Step 4 for every layer in ``layers`` (eager: Cholesky/eigh with data-dependent fallbacks).
+
+        With ``distributed="owner"`` each factorisation (Cholesky: each factor, cost :math:`d^3`; eigh: each
+        layer, cost :math:`d_a^3 + d_g^3`) is done by one owner rank and the results are shared
+        (:meth:`fastcurv.distributed.Communicator.share_from_owners_`); the fallback counters are summed over
+        the ranks so that every rank reports the same."""
         self._counters["inverse_refreshes"] += 1
+        comm = self._comm if self._comm is not None and self._comm.owner_mode else None
+        before = [self._counters[k] for k in self._FALLBACK_COUNTERS]
+        self._refresh_inverses_local(layers, comm)
+        if comm is not None:
+            delta = comm.all_sum_ints([self._counters[k] - b for k, b in zip(self._FALLBACK_COUNTERS, before)])
+            for k, b, d in zip(self._FALLBACK_COUNTERS, before, delta):
+                self._counters[k] = b + d
+
+    def _refresh_inverses_local(self, layers: list[_Layer], comm: Any) -> None:
         lam = self.param_groups[0]["damping"]
         if self._eigen:
-            for lay in layers:
+            owners = None
+            if comm is not None:
+                owners = comm.owners([lay.stats.d_a**3 + lay.stats.d_g**3 for lay in layers])
+            for i, lay in enumerate(layers):
+                if owners is not None and owners[i] != comm.rank:
+                    continue
                 s = self.state[lay.weight]
                 dA, dG = self._deltas(s["A"], s["G"])
                 eA = self._eigh(s["A"])
@@ -640,6 +727,9 @@ class KFAC(CurvatureOptimizer):
                 s["QA"].copy_(qa)
                 s["QG"].copy_(qg)
                 s["scale"].copy_(scale)
+            if owners is not None:
+                ts = [self.state[lay.weight][k] for lay in layers for k in ("QA", "QG", "scale")]
+                comm.share_from_owners_(ts, [r for r in owners for _ in range(3)])
             return
         mats, deltas, outs = [], [], []
         for lay in layers:
@@ -648,7 +738,13 @@ class KFAC(CurvatureOptimizer):
             mats += [s["A"], s["G"]]
             deltas += [dA, dG]
             outs += [s["A_inv"], s["G_inv"]]
-        self._cholesky_inverses(mats, deltas, outs)
+        if comm is None:
+            self._cholesky_inverses(mats, deltas, outs)
+            return
+        owners = comm.owners([m.shape[0] ** 3 for m in mats])
+        mine = [i for i, r in enumerate(owners) if r == comm.rank]
+        self._cholesky_inverses([mats[i] for i in mine], [deltas[i] for i in mine], [outs[i] for i in mine])
+        comm.share_from_owners_(outs, owners)
 
     def _refresh_due(self) -> bool:
         k, T = self._counters["steps"], self.inv_every
@@ -671,15 +767,30 @@ class KFAC(CurvatureOptimizer):
                 )
             loss = None
         layers = self._active_layers()
+        self._prepare_stats(layers, user_backward=closure is None)
         As, Gs, Ls = self._batch_stats(layers)
-        finite, missing = self._check_and_filter(loss, layers, As, Gs)
+        finite, missing, bad_factors, bad_other = self._check_and_filter(loss, layers, As, Gs)
+        if layers and len(missing) == len(layers):
+            self._cap.reset()
+            raise ValueError(
+                "KFAC: no preconditioned layer received any rows this step (an empty batch, a forward run under "
+                "no_grad, or every layer's weight used without calling its forward); nothing was changed"
+            )
         if not finite:
             self._cap.reset()
             self._skip("loss, gradient or curvature statistic")
             return loss, False
+        bad_factors = [layers[i] for i in bad_factors]  # state corrupted from outside: repaired, step goes on
+        bad_other = [layers[i] for i in bad_other]
         if missing:
             layers = self._handle_missing(layers, missing)
             As, Gs, Ls = self._batch_stats(layers)
+            bad_factors = [lay for lay in bad_factors if lay in layers]
+            bad_other = [lay for lay in bad_other if lay in layers]
+        if bad_other:
+            self._warn_reset(bad_other, "momentum or inverse")
+            for lay in bad_other:
+                torch._foreach_zero_(self._state_tensors(lay)[2:])
         g = self.param_groups[0]
         if layers:
             beta = g["stat_decay"] if self._counters["factor_updates"] > 0 else self._zero
@@ -701,6 +812,15 @@ class KFAC(CurvatureOptimizer):
             )
             if self._refresh_due():
                 self._refresh_inverses(layers)
+            elif bad_other:
+                self._refresh_inverses(bad_other)
+            if bad_factors:  # a non-finite factor restarts from this batch's statistic (the lost EMA is gone)
+                self._warn_reset(bad_factors, "factor")
+                for lay in bad_factors:
+                    i = layers.index(lay)
+                    st[i]["A"].copy_(As[i] * Ls[i])
+                    st[i]["G"].copy_(Gs[i])
+                self._refresh_inverses(bad_factors)
             inv = [self._inverse_tensors(lay) for lay in layers]
             self._apply_fn(
                 [lay.weight for lay in layers],
@@ -733,8 +853,9 @@ class KFAC(CurvatureOptimizer):
             for closure in closures:
                 loss = self._forward_backward(closure)
                 layers = self._active_layers()
+                self._prepare_stats(layers)
                 As, Gs, Ls = self._batch_stats(layers)
-                finite, missing = self._check_and_filter(loss, layers, As, Gs)
+                finite, missing, _, _ = self._check_and_filter(loss, layers, As, Gs)
                 if not finite:
                     continue
                 if missing:
