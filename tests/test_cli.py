@@ -286,3 +286,30 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--budget-seconds" in capsys.readouterr().out
     assert cli.main(["--version"]) == 0
     assert "fastcurv" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- defaults and guards
+def test_curves_defaults_come_from_the_sweep_and_other_problems_keep_the_papers() -> None:
+    """CURVES gets the swept defaults (module docstring of fastcurv.compare); digits keeps the paper's / torch's."""
+    curves = load_problem("curves", n_train=8, n_test=4)
+    digits = load_problem("digits", n_train=8, n_test=4)
+    for name, kw in cmp.CURVES_DEFAULTS.items():
+        assert cmp.REGISTRY[name].defaults(curves) == kw
+    assert cmp.REGISTRY["kbfgs"].defaults(curves) == {"lr": 0.3, "damping": 0.7}
+    assert cmp.REGISTRY["kbfgs"].defaults(curves)["damping"] <= 1.0  # damping > 1 is unsafe by construction
+    assert cmp.REGISTRY["kbfgs"].defaults(digits) == {} and cmp.REGISTRY["adam"].defaults(digits) == {"lr": 1e-3}
+
+
+def test_too_slow_optimizer_is_skipped_and_failed_reference_gives_no_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = load_problem("digits", n_train=60, n_test=20)
+    monkeypatch.setattr(cmp, "EXACT_NEWTON_SECONDS_PER_UNIT", 1.0)  # every exact-newton step "takes" ages
+    monkeypatch.setitem(cmp.REGISTRY, "big-opt", cmp.OptimizerEntry("big-opt", f"{__name__}:_BlowUpOptimizer", "t"))
+    cfg = cmp.CompareConfig(optimizers=["big-opt", "exact-newton"], budget_seconds=300, max_steps=3, batch_size=20,
+                            warmup_steps=0, n_evals=1, progress=False)
+    res = cmp.run_comparison(problem, cfg)
+    big, en = res["optimizers"]
+    assert en["status"] == "skipped" and en["steps"] == 0 and en["evals"]["step"] == [] and "budget" in en["error"]
+    assert big["status"] == "diverged" and res["reference"] == "big-opt"
+    assert res["target_train_loss"] is None and big["time_to_target"] is None  # a blown-up run sets no target
+    table = cmp.format_table(json.loads(json.dumps(res, allow_nan=False)))
+    assert "skipped" in table and "exact-newton" in table
