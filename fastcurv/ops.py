@@ -169,7 +169,9 @@ def kron_factor_update_(A: Tensor, X: Tensor, beta: float | Tensor) -> Tensor:
     r"""In place: :math:`A \leftarrow \beta A + \frac{1-\beta}{m} X^\top X` for ``X`` of shape ``(m, d)``.
 
     A symmetric-rank-k update: the kernel computes only the tiles on and above the diagonal and mirrors
-    them (half the FLOPs of a GEMM), so ``A`` stays exactly symmetric. ``A`` is float32 or float64
+    them (half the FLOPs of a GEMM), so ``A`` stays exactly symmetric. ``A`` must be symmetric on entry:
+    the kernel reads only its upper triangle (the reference reads all of it; they agree for symmetric ``A``,
+    which every factor built by this op is). ``A`` is float32 or float64
     (contiguous); ``X`` has ``A``'s dtype, or bfloat16/float16 when ``A`` is float32 (accumulated in
     float32). ``beta`` is a float in [0, 1] or a 0-d tensor. When ``X`` or ``beta`` is non-finite (or a
     tensor ``beta`` is outside [0, 1]) ``A`` is left bitwise unchanged. Returns ``A``.
