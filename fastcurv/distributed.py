@@ -32,6 +32,12 @@ deterministic code on the same bits). ``distributed="owner"``: each expensive pe
 rank (:func:`assign_owners`, greedy longest-processing-time by cost, :math:`d^3` for factorisations,
 :math:`d^2` for BFGS updates); owners compute their tasks and :meth:`Communicator.share_from_owners_`
 distributes the results with one ``all_gather`` per dtype (bitwise copies, so ranks stay identical).
+
+Newton-type methods
+-------------------
+``NewtonCG``, ``BlockHF`` and ``ExactNewton`` reduce their own gradients (inside DDP's ``no_sync``),
+curvature-vector products and losses, weighted by the local batch sizes (:meth:`Communicator.all_reduce_sum_`
+and, overlapped with computation, :meth:`Communicator.start_sum_`): see their module docstrings.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from torch import Tensor, nn
 __all__ = [
     "MODES",
     "Communicator",
+    "PendingSum",
     "communicator",
     "assign_owners",
     "unwrap",
@@ -107,6 +114,26 @@ def _by_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device
     return out
 
 
+class PendingSum:
+    """Handle of a background sum started by :meth:`Communicator.start_sum_`."""
+
+    def __init__(self, works: list[Any], jobs: list[tuple[list[Tensor], Tensor]]) -> None:
+        self._works, self._jobs = works, jobs
+
+    def wait(self) -> None:
+        """Wait for the collectives and copy the sums into the tensors (idempotent)."""
+        for w in self._works:
+            if w is not None:
+                w.wait()
+        for ts, buf in self._jobs:
+            off = 0
+            for t in ts:
+                n = t.numel()
+                t.copy_(buf[off : off + n].view_as(t))
+                off += n
+        self._works, self._jobs = [], []
+
+
 class Communicator:
     r"""Collectives on the optimizer state over one process group (built by :func:`communicator`).
 
@@ -135,21 +162,20 @@ class Communicator:
     def all_reduce_sum_(self, tensors: Sequence[Tensor]) -> None:
         """In place: every tensor becomes its sum over the ranks. One flattened all-reduce per dtype/device
         (issued asynchronously, then waited on together)."""
-        if not tensors:
-            return
+        self.start_sum_(tensors).wait()
+
+    def start_sum_(self, tensors: Sequence[Tensor]) -> PendingSum:
+        """Start :meth:`all_reduce_sum_` without waiting: the collectives run in the background (gloo's
+        worker threads, NCCL's stream) while the caller computes; :meth:`PendingSum.wait` writes the sums
+        into ``tensors``, which must not be read or written before that. Used to overlap a block's reduction
+        with the next block's curvature product."""
         works, jobs = [], []
         for idx in _by_dtype(tensors).values():
             ts = [tensors[i] for i in idx]
             buf = torch.cat([t.reshape(-1) for t in ts]) if len(ts) > 1 else ts[0].reshape(-1).clone()
             works.append(dist.all_reduce(buf, group=self.group, async_op=True))
             jobs.append((ts, buf))
-        self._wait(works)
-        for ts, buf in jobs:
-            off = 0
-            for t in ts:
-                n = t.numel()
-                t.copy_(buf[off : off + n].view_as(t))
-                off += n
+        return PendingSum(works, jobs)
 
     def weighted_mean_(
         self,

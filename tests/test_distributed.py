@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastcurv import distributed as fdist
-from fastcurv.optim import KBFGS, KBFGSL, KFAC
+from fastcurv.optim import KBFGS, KBFGSL, KFAC, BlockHF, ExactNewton, NewtonCG
 
 D64 = torch.float64
 WORLD = 2
@@ -49,8 +49,10 @@ class _Net(nn.Module):
         return self.fc2(self.norm(torch.tanh(self.fc1(h))))
 
 
-def _model() -> nn.Module:
+def _model(v: str = "kfac") -> nn.Module:
     torch.manual_seed(0)
+    if v.startswith("exact"):  # ExactNewton: an nn.Sequential MLP (Flatten is allowed before the first Linear)
+        return nn.Sequential(nn.Flatten(), nn.Linear(50, 8), nn.Tanh(), nn.Linear(8, 6)).to(D64)
     return _Net().to(D64)
 
 
@@ -75,7 +77,20 @@ VARIANTS = {
     "kfac_eigh_pi": (KFAC, dict(lr=0.3, damping=0.1, inv_every=2, inverse="eigh", damping_split="pi")),
     "kbfgs": (KBFGS, dict(lr=0.1, damping=0.3)),
     "kbfgsl": (KBFGSL, dict(lr=0.1, damping=0.3, history=3)),
+    # the Newton-type methods step with batch=(x, y): curvature products (and CG) on the global batch
+    "newton_cg": (NewtonCG, dict(loss_fn=_loss, lr=0.5, damping=1.0, max_cg_iters=8)),
+    "newton_cg_ggn": (NewtonCG, dict(loss_fn=_loss, method="ggn", damping=0.3, max_cg_iters=8)),
+    # (curvature_batch=0.5 would take the first half of each LOCAL batch: a different set than one process)
+    "block_hf": (BlockHF, dict(loss_fn=_loss, damping=0.3, max_cg_iters=8)),
+    "exact_newton": (ExactNewton, dict(loss_fn="mse", lr=0.5, damping=1.0)),
+    "exact_newton_sum": (ExactNewton, dict(loss_fn=nn.MSELoss(reduction="sum"), lr=0.5, damping=1.0)),
 }
+#: optimizers checkpointed through torch.distributed.checkpoint in the 2-rank job
+DCP = ("kfac", "kbfgsl", "newton_cg", "block_hf")
+NEWTON = ("newton_cg", "newton_cg_ggn", "block_hf", "exact_newton", "exact_newton_sum")
+#: cases also run with unequal local batches (rank 0: 10 samples, rank 1: 6); the Newton-type methods weight
+#: their gradient, loss and curvature by the local batch sizes, so this equals one process too
+UNEQUAL = ("newton_cg", "block_hf", "exact_newton", "exact_newton_sum")
 
 
 def _make(v: str, net: nn.Module, **kw):
@@ -83,7 +98,9 @@ def _make(v: str, net: nn.Module, **kw):
     return cls(net, **{**base, **kw})
 
 #: cases run on 2 ranks and compared with one process: (variant, mode, plain loop, NaN batch, corrupt state)
-CASES = [(v, mode, False, None, None) for v in VARIANTS for mode in ("replicate", "owner")]
+CASES = [(v, mode, False, None, None) for v in VARIANTS for mode in ("replicate", "owner") if v not in NEWTON]
+CASES += [(v, "replicate", False, None, None) for v in NEWTON]
+CASES += [("newton_cg", "owner", False, None, None)]  # accepted; the same as replicate for these methods
 CASES += [
     ("kfac", "replicate", True, None, None),  # plain loss.backward(); opt.step() loop
     ("kfac", "owner", False, 2, 3),  # NaN sample on rank 1 at step 2; NaN put into the state at step 3
@@ -91,6 +108,11 @@ CASES += [
     ("kbfgsl", "owner", False, 2, 3),
     ("kfac", "replicate", False, "loss1", None),  # a NaN loss on rank 1 only (its gradients are finite)
     ("kbfgsl", "replicate", False, "loss1", None),
+    ("newton_cg", "replicate", False, 2, None),  # a NaN sample on rank 1: every rank skips the step
+    ("block_hf", "replicate", False, 2, None),
+    ("exact_newton", "replicate", False, 2, None),
+    ("newton_cg_ggn", "replicate", False, "loss1", None),
+    ("exact_newton", "replicate", False, "loss1", None),
 ]
 
 
@@ -112,19 +134,24 @@ def _state(opt) -> dict:
     return {(i, k): v.detach().clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
 
 
-def _run(case: tuple, net: nn.Module, rank: int | None, steps: int = STEPS, opt=None, start: int = 0, **kw):
+def _run(
+    case: tuple, net: nn.Module, rank: int | None, steps: int = STEPS, opt=None, start: int = 0,
+    split: tuple[int, int] = (N_GLOBAL // WORLD, N_GLOBAL // WORLD), **kw,
+):
     """``steps`` steps of ``case`` on ``net`` (DDP-wrapped when ``rank`` is given); ``rank`` None = one
-    process on the whole batch, else the rank's half."""
+    process on the whole batch, else the rank's part (``split``: the local batch sizes)."""
     v, mode, plain, nan, bad = case
     if opt is None:
         opt = _make(v, net, distributed=mode, **kw) if rank is not None else _make(v, net)
     batches = _batches(nan if isinstance(nan, int) else None)
     nan_loss = int(nan[4:]) if isinstance(nan, str) else None
+    loss_fn = VARIANTS[v][1].get("loss_fn", _loss)
+    loss_fn = _loss if isinstance(loss_fn, str) else loss_fn
     for k in range(start, start + steps):
         x, y = batches[k]
         if rank is not None:
-            n = N_GLOBAL // WORLD
-            x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+            lo = sum(split[:rank])
+            x, y = x[lo : lo + split[rank]], y[lo : lo + split[rank]]
         if k == bad:  # replicated corruption (e.g. a bad checkpoint): every rank repairs the same way
             _corrupt(opt, v)
         if plain:
@@ -132,7 +159,10 @@ def _run(case: tuple, net: nn.Module, rank: int | None, steps: int = STEPS, opt=
             _loss(net(x), y).backward()
             opt.step()
         elif k == nan_loss and rank in (None, 1):
-            opt.step(lambda: _loss(net(x), y) + float("nan"))  # only the loss value is NaN
+            closure = lambda: loss_fn(net(x), y) + float("nan")  # noqa: E731  (only the loss value is NaN)
+            opt.step(closure, batch=(x, y)) if v.startswith(("newton", "block")) else opt.step(closure)
+        elif v in NEWTON:
+            opt.step(batch=(x, y))
         else:
             opt.step(lambda: _loss(net(x), y))
     return opt
@@ -148,10 +178,15 @@ def _warm(v: str, net: nn.Module, rank: int | None):
     return _run((v, "replicate", False, None, None), net, rank, steps=2, opt=opt)
 
 
+def _lm(opt) -> list[torch.Tensor]:
+    """The running Levenberg-Marquardt damping of NewtonCG / BlockHF (state outside ``opt.state``)."""
+    return [opt.lm_damping.detach().clone().reshape(1)] if hasattr(opt, "lm_damping") else []
+
+
 def _summary(opt) -> dict:
     return {
         "params": [p.detach().clone() for p in opt.param_groups[0]["params"]],
-        "state": _state(opt),
+        "state": {**_state(opt), **{("lm", i): t for i, t in enumerate(_lm(opt))}},
         "counters": opt.counters(),
     }
 
@@ -229,17 +264,23 @@ def _job_main(rank: int, out: Path) -> dict:
         res["warned"] = [str(w.message) for w in caught]
         off = KBFGS(_model(), distributed="off")
         res["off"] = off._comm is None and len(caught) == 1
-    try:  # an optimizer without data-parallel support refuses a process group instead of diverging
-        from fastcurv.optim import NewtonCG
-
-        NewtonCG(DDP(_model()), _loss)
-        res["unsupported"] = "no error"
-    except NotImplementedError as e:
-        res["unsupported"] = str(e)
+        # the Newton-type methods reduce their gradients themselves: no DDP wrapper needed (and no warning),
+        # but the ranks must start from the same parameters
+        NewtonCG(_model(), _loss)
+        res["newton_plain_warned"] = len(caught) - 1
+    model = _model()
+    if rank == 1:
+        with torch.no_grad():
+            model.fc1.bias.add_(1.0)
+    try:
+        BlockHF(model, _loss)
+        res["differ"] = "no error"
+    except ValueError as e:
+        res["differ"] = str(e)
     for case in CASES:
         name = _case_name(case)
-        opt = _run(case, DDP(_model()), rank)
-        ts = [p.detach() for p in opt.param_groups[0]["params"]] + list(_state(opt).values())
+        opt = _run(case, DDP(_model(case[0])), rank)
+        ts = [p.detach() for p in opt.param_groups[0]["params"]] + list(_state(opt).values()) + _lm(opt)
         res["diverge"][name] = comm.max_abs_diff([t.double() for t in ts])
         res["counters_equal", name] = comm.max_abs_diff(
             [torch.tensor(list(opt.counters().values()), dtype=D64)]
@@ -247,6 +288,13 @@ def _job_main(rank: int, out: Path) -> dict:
         res["cases"][name] = _summary(opt)
         if case[1:] == ("replicate", False, None, None):
             torch.save(opt.state_dict(), out / f"sd-{case[0]}-{rank}.pt")
+    for v in UNEQUAL:  # rank 0 holds 10 samples, rank 1 holds 6; a plain (not DDP-wrapped) model for one
+        net = _model(v) if v == "block_hf" else DDP(_model(v))
+        opt = _run((v, "replicate", False, None, None), net, rank, split=(10, 6))
+        res["cases"][f"{v}-unequal"] = _summary(opt)
+    # torch.compile of the optimizer's update together with DDP (K-FAC's compiled phases, gloo)
+    opt = _run(("kfac", "replicate", False, None, None), DDP(_model()), rank, compile=True)
+    res["cases"]["kfac-compiled"] = _summary(opt)
 
     group = dist.new_group(ranks=list(range(WORLD)))  # an explicit process group
     for v in ("kfac", "kbfgsl"):
@@ -276,7 +324,7 @@ def _job_main(rank: int, out: Path) -> dict:
 
     # torch.distributed.checkpoint: save the optimizer state dict, load it into a fresh optimizer on each rank
     res["dcp"] = {}
-    for v in ("kfac", "kbfgsl"):
+    for v in DCP:
         case = (v, "owner", False, None, None)
         model = _model()
         net = DDP(model)
@@ -293,6 +341,7 @@ def _job_main(rank: int, out: Path) -> dict:
         a, b = _state(opt), _state(opt2)
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         same &= opt.counters() == opt2.counters()
+        same &= all(torch.equal(a, b) for a, b in zip(_lm(opt), _lm(opt2)))
         same &= float(opt2.param_groups[0]["lr"]) == float(opt.param_groups[0]["lr"])
         _run(case, net, rank, steps=2, opt=opt, start=3)  # both go on: identical steps
         _run(case, net2, rank, steps=2, opt=opt2, start=3)
@@ -328,13 +377,13 @@ JOBS = {"main": _job_main, "raise": _job_raise}
 def test_two_ranks_equal_one_process_and_never_diverge(tmp_path: Path) -> None:
     procs = _start("main", tmp_path)
     try:  # the single-process references are computed while the ranks run
-        refs = {_case_name(c): _summary(_run(c, _model(), None)) for c in CASES}
+        refs = {_case_name(c): _summary(_run(c, _model(c[0]), None)) for c in CASES}
         warm = {f"warm-{v}": _summary(_warm(v, _model(), None)) for v in ("kfac", "kbfgs")}
         # checkpoints: continue rank 1's replicated state in one process == the uninterrupted single run
         cont = {}
         for v in VARIANTS:
             case = (v, "replicate", False, None, None)
-            ref = _run(case, _model(), None, steps=STEPS + 2)
+            ref = _run(case, _model(v), None, steps=STEPS + 2)
             cont[v] = (case, ref)
     finally:
         codes, hung = _join(procs, JOIN_TIMEOUT_S)
@@ -354,9 +403,23 @@ def test_two_ranks_equal_one_process_and_never_diverge(tmp_path: Path) -> None:
         assert got["counters"] == ref["counters"], name
         if "loss" in name:
             assert got["counters"]["skipped_steps"] == 1 and got["counters"]["state_resets"] == 0, name
-        elif "nan" in name:  # K-FAC repairs a bad factor within the step, K-BFGS skips that step too
+        elif "nan" in name and "bad3" in name:  # K-FAC repairs a bad factor in the step, K-BFGS skips it too
             assert got["counters"]["skipped_steps"] == (1 if "kfac" in name else 2), name
             assert got["counters"]["state_resets"] == 1, name
+        elif "nan" in name:  # a NaN sample on rank 1 only: every rank skipped that step
+            assert got["counters"]["skipped_steps"] == 1 and got["counters"]["steps"] == STEPS - 1, name
+
+    more = {f"{v}-unequal": refs[f"{v}-replicate"] for v in UNEQUAL}
+    more["kfac-compiled"] = refs["kfac-replicate"]
+    for name, ref in more.items():  # unequal local batches, and compile + DDP: still the one-process run
+        for r in range(WORLD):
+            got = res[r]["cases"][name]
+            for p, q in zip(got["params"], ref["params"]):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} rank {r}: {m}")
+            assert got["state"].keys() == ref["state"].keys(), name
+            for k, t in ref["state"].items():
+                torch.testing.assert_close(got["state"][k], t, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+            assert got["counters"] == ref["counters"], name
 
     for v in ("kfac", "kbfgsl"):
         warm[f"group-{v}"] = refs[f"{v}-owner"]
@@ -368,9 +431,10 @@ def test_two_ranks_equal_one_process_and_never_diverge(tmp_path: Path) -> None:
             torch.testing.assert_close(got["state"][k], t, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} {k}: {m}")
     assert res[0]["diverge"]["kfac-sampled"] == 0.0 and res[0]["sampled_finite"]
     assert len(res[0]["warned"]) == 1 and "DistributedDataParallel" in res[0]["warned"][0] and res[0]["off"]
-    assert "no data-parallel support" in res[0]["unsupported"], res[0]["unsupported"]
+    assert res[0]["newton_plain_warned"] == 0
+    assert "start from different parameters" in res[0]["differ"] and "different" in res[1]["differ"], res[0]["differ"]
     for r in range(WORLD):
-        assert res[r]["dcp"] == {"kfac": True, "kbfgsl": True}, res[r]["dcp"]
+        assert res[r]["dcp"] == {v: True for v in DCP}, res[r]["dcp"]
 
     for v, (case, ref) in cont.items():
         sds = [torch.load(tmp_path / f"sd-{v}-{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -379,7 +443,7 @@ def test_two_ranks_equal_one_process_and_never_diverge(tmp_path: Path) -> None:
         for i in a["state"]:
             for k in a["state"][i]:
                 assert torch.equal(a["state"][i][k], b["state"][i][k]), (v, i, k)  # every rank holds the same
-        model = _model()
+        model = _model(v)
         with torch.no_grad():
             for p, q in zip(model.parameters(), res[1]["cases"][_case_name(case)]["params"]):
                 p.copy_(q)

@@ -126,7 +126,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"{self._comm.world_size} ranks and they would diverge); pass distributed='off' to run independent "
                 f"processes"
             )
-        if self._comm is not None and not is_ddp(model):
+        if self._comm is not None and not is_ddp(model) and self._reduces_gradients:
+            # nothing broadcasts the parameters at the start (DDP would): make sure the ranks agree
+            diff = self._comm.max_abs_diff([p.detach() for p in params])
+            if diff != 0.0:
+                raise ValueError(
+                    f"{type(self).__name__}: the {self._comm.world_size} ranks start from different parameters "
+                    f"(max difference {diff:g}); wrap the model in DistributedDataParallel (it broadcasts rank 0's "
+                    f"parameters) or seed / load every rank identically"
+                )
+        elif self._comm is not None and not is_ddp(model):
             warnings.warn(
                 f"{type(self).__name__}: a process group of {self._comm.world_size} is initialised, so curvature "
                 f"statistics are averaged over its ranks, but the model is not a DistributedDataParallel wrapper "
@@ -343,6 +352,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     _supports_scaler = False
     #: whether the subclass reduces its curvature over the ranks of a process group (``distributed=``)
     _supports_distributed = False
+    #: whether the subclass also reduces the gradients itself (weighted by the local batch sizes, inside DDP's
+    #: ``no_sync``), so that it needs no DDP wrapper and unequal local batches are exact
+    _reduces_gradients = False
 
     def _backward(self, loss: Tensor, **kwargs: Any) -> None:
         """``loss.backward(**kwargs)``, through the step's GradScaler when there is one."""

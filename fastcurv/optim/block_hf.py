@@ -132,6 +132,9 @@ class BlockHF(_DampedKrylov):
             ``fallback_lr``: ``lr`` is a Newton step length, not an SGD learning rate).
         on_nonfinite, compile: see :class:`~fastcurv.optim.CurvatureOptimizer` (nothing is compiled: the
             step is host-driven CG).
+        distributed, process_group: data parallelism as in :class:`~fastcurv.optim.NewtonCG` (its module
+            docstring); ``curvature_batch`` then selects from each rank's *local* batch, and each block's
+            all-reduce overlaps with the next block's curvature product.
     """
 
     def __init__(
@@ -160,6 +163,8 @@ class BlockHF(_DampedKrylov):
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
+        distributed: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         if curvature_batch is not None:
             if isinstance(curvature_batch, bool) or not isinstance(curvature_batch, (int, float)):
@@ -181,7 +186,7 @@ class BlockHF(_DampedKrylov):
             curvature_eps=curvature_eps, adapt_damping=adapt_damping, min_damping=min_damping,
             max_damping=max_damping, rho_low=rho_low, rho_high=rho_high, damping_increase=damping_increase,
             damping_decrease=damping_decrease, accept_ratio=accept_ratio, fallback=fallback, fallback_lr=fallback_lr,
-            on_nonfinite=on_nonfinite, compile=compile,
+            on_nonfinite=on_nonfinite, compile=compile, distributed=distributed, process_group=process_group,
         )
         self.blocks = blks
         flat_params = [p for blk in blks for p in blk]
@@ -199,6 +204,8 @@ class BlockHF(_DampedKrylov):
             for p in blk:
                 mapping[p] = desc
         self._set_preconditioned(mapping)
+        for p in flat_params:  # the warm-start state exists from construction on (a fixed state-dict structure)
+            self.state[p]["delta"] = torch.zeros_like(p)
 
     # ------------------------------------------------------------------ curvature batch
     def _curvature_subset(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -222,7 +229,9 @@ class BlockHF(_DampedKrylov):
         return self._flat.params
 
     def _warm_start(self) -> Tensor | None:
-        if self.cg_decay == 0.0:
+        # before the first applied step there is no previous solution (``delta`` holds zeros): start from 0
+        # without the product a zero x0 would cost
+        if self.cg_decay == 0.0 or self._counters["steps"] == 0:
             return None
         prev = [self.state[p].get("delta") for p in self._flat.params]
         if any(d is None for d in prev):
@@ -230,7 +239,9 @@ class BlockHF(_DampedKrylov):
         return self._flat.cat(prev) * self.cg_decay
 
     def _direction(self, batch: tuple[Any, Any], g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
-        op = _BlockGGNOperator(self.model, self.loss_fn, batch, self._flat, self._block_index)
+        op = _BlockGGNOperator(
+            self._net, self.loss_fn, batch, self._flat, self._block_index, self._block_reducer()
+        )
         res = truncated_cg(
             op, -g, self._segments, shift=lam, x0=self._warm_start(), max_iters=self.max_cg_iters, tol=self.cg_tol,
             eps=self.curvature_eps, progress_tol=self.progress_tol,
@@ -247,12 +258,26 @@ class BlockHF(_DampedKrylov):
             else:
                 st["delta"] = d.clone()
 
+    def _carried_state(self) -> dict[str, Tensor]:
+        st = super()._carried_state()
+        for i, p in enumerate(self._flat.params):
+            if "delta" in self.state[p]:
+                st[f"delta[{i}]"] = self.state[p]["delta"]
+        return st
+
+    def _reset_carried(self, names: list[str]) -> None:
+        super()._reset_carried(names)
+        if any(n.startswith("delta") for n in names):  # one CG solution: restart it from zero
+            for p in self._flat.params:
+                if "delta" in self.state[p]:
+                    self.state[p]["delta"].zero_()
+
     def block_operator(self, batch: tuple[Any, Any]) -> tuple[_BlockGGNOperator, Segments, _Flat]:
         """The block-diagonal GGN operator on ``batch`` (its curvature subset), with the flat layout used by
         the CG: ``op(v, [True] * B)`` returns :math:`(G_{bb} v_b)_b` for a flat ``v`` (for inspection and tests)."""
         return (
             _BlockGGNOperator(
-                self.model, self.loss_fn, self._curvature_subset(tuple(batch)), self._flat, self._block_index
+                self._net, self.loss_fn, self._curvature_subset(tuple(batch)), self._flat, self._block_index
             ),
             self._segments,
             self._flat,

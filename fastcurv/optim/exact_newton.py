@@ -105,6 +105,17 @@ g_n\bar a_n^\top`). Non-finite loss, output gradient, curvature or direction: th
 parameters bitwise unchanged (``on_nonfinite="raise"`` raises). The optimizer keeps no state but its
 counters.
 
+Data parallel (``distributed=``; docs/distributed.md)
+-----------------------------------------------------
+The direction and the gradient are sums over samples, so rank :math:`r` computes
+:math:`\sum_{n\in B_r}\Delta_n` and :math:`\sum_{n\in B_r} g_n\bar a_n^\top` for each layer, and one
+all-reduce (with the loss and a skip flag) plus one for :math:`N = \sum_r n_r` give exactly the one-process
+:math:`\frac1N\sum_n` over the global batch, for any local batch sizes. The per-sample gradient
+:math:`\nabla_z\ell_n` is the local :math:`n_r\,\partial L_r/\partial z_n` for the mean losses and
+:math:`N\,\partial L_r/\partial z_n` (global :math:`N`) for ``reduction="sum"``, whose per-sample scale is the
+global batch. The closure runs inside DDP's ``no_sync`` (no gradient all-reduce: the gradients are computed
+here). A non-finite loss on one rank makes every rank skip. The returned loss is the global mean (sum).
+
 Supported models: ``nn.Sequential`` (nested ones are flattened) of ``nn.Linear`` and elementwise
 activations (the parameter-free modules of :data:`ELEMENTWISE`: ReLU, tanh, sigmoid, identity, ...), with
 ``nn.Flatten`` or activations allowed before the first ``nn.Linear``. Anything else (convolutions, norms,
@@ -121,6 +132,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcurv.distributed import no_sync, unwrap
 from fastcurv.optim._base import Closure, CurvatureOptimizer
 
 __all__ = ["ExactNewton", "ELEMENTWISE", "LOSSES"]
@@ -208,6 +220,10 @@ class _LossSpec:
     kind: str  # "ce" | "bce" | "mse"
     scale: str  # "sample" (the string conventions), "mean" (over elements), "sum"
     fn: Callable[[Tensor, Tensor], Tensor]
+    summed: bool = False  # reduction="sum": the loss is a sum over the batch, not a mean
+
+    def __post_init__(self) -> None:
+        self.summed = self.scale == "sum" or getattr(self.fn, "reduction", None) == "sum"
 
 
 def _bce_sample(z: Tensor, t: Tensor) -> Tensor:
@@ -300,6 +316,9 @@ class _Record:
     outputs: list[Tensor]
     z: Tensor
     dz: Tensor
+    #: :math:`\nabla_z\ell_n` = ``n_scale`` * dz: the batch size the loss is a mean over (a sum over the
+    #: global batch: the global size); None = this batch's size
+    n_scale: int | None = None
 
 
 def _factors(
@@ -308,7 +327,7 @@ def _factors(
     r"""Yield ``(l, ā, g, B)`` for the samples ``sl``, from the last layer to the first trainable one:
     :math:`\bar a` ``(n, d_a)``, :math:`g = \partial\ell_n/\partial h_l` ``(n, d_out)`` and :math:`B_l`
     ``(n, d_out, d_out)``."""
-    n_total = rec.z.shape[0]
+    n_total = rec.z.shape[0] if rec.n_scale is None else rec.n_scale
     z = rec.z[sl]
     gz = rec.dz[sl] * n_total
     hz = _loss_hessian(spec, z, gz, n_total)
@@ -404,9 +423,13 @@ class ExactNewton(CurvatureOptimizer):
             the whole batch.
         on_nonfinite: ``"skip"`` or ``"raise"``.
         compile: accepted for symmetry (nothing is compiled: batched ``eigh`` dominates).
+        distributed, process_group: data parallelism (*Data parallel* in the module docstring);
+            ``"owner"`` is the same as ``"replicate"`` here (all the work is per sample).
     """
 
     hyperparameters = {"lr": (0.0, None), "damping": (0.0, None), "eig_floor": (0.0, None)}
+    _supports_distributed = True
+    _reduces_gradients = True
 
     def __init__(
         self,
@@ -419,14 +442,17 @@ class ExactNewton(CurvatureOptimizer):
         chunk_size: int | None = None,
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
+        distributed: str = "replicate",
+        process_group: Any = None,
     ) -> None:
-        layers = _parse_model(model)
+        layers = _parse_model(unwrap(model) if isinstance(model, nn.Module) else model)
         self._spec = _parse_loss(loss_fn)
         bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         if chunk_size is not None and bad_chunk:
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         super().__init__(
-            model, dict(lr=lr, damping=damping, eig_floor=eig_floor), on_nonfinite=on_nonfinite, compile=compile
+            model, dict(lr=lr, damping=damping, eig_floor=eig_floor), on_nonfinite=on_nonfinite, compile=compile,
+            distributed=distributed, process_group=process_group,
         )
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
@@ -471,9 +497,10 @@ class ExactNewton(CurvatureOptimizer):
                 out.register_hook(lambda gr: dzs.append(gr.detach()))
 
         handles = [lay.module.register_forward_hook(layer_hook(i)) for i, lay in enumerate(self._layers)]
-        handles.append(self.model.register_forward_hook(model_hook))
+        handles.append(unwrap(self.model).register_forward_hook(model_hook))
         try:
-            loss = self._eval_closure(closure, backward=False)
+            with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
+                loss = self._eval_closure(closure, backward=False)
             with torch.enable_grad():
                 if len(zs) != 1 or any(len(r) != 1 for r in inputs):
                     raise RuntimeError(
@@ -564,29 +591,59 @@ class ExactNewton(CurvatureOptimizer):
 
     def _step_full(self, closure: Closure) -> tuple[Tensor, bool]:
         loss, rec = self._record(closure)
-        if not self._all_finite([loss, rec.dz]):
+        n = rec.z.shape[0]
+        comm = self._comm
+        if comm is None and n == 0:
+            raise ValueError("ExactNewton.step: empty batch (the model saw no sample); nothing was changed")
+        ok = self._all_finite([loss, rec.dz])
+        if comm is None and not ok:
             self._skip("loss or output gradient")
             return loss, False
+        big_n = n
+        if comm is not None:  # the global batch size (a loss summed over the batch scales by it)
+            counts = torch.tensor([n], dtype=torch.int64)
+            comm.all_reduce_sum_([counts])
+            big_n = int(counts)
+            if big_n == 0:
+                raise ValueError("ExactNewton.step: empty batch on every rank; nothing was changed")
+            if self._spec.summed:
+                rec.n_scale = big_n
         grp = self.param_groups[0]
         rho, floor = grp["damping"], grp["eig_floor"]
-        n = rec.z.shape[0]
-        chunk = n if self.chunk_size is None else self.chunk_size
+        chunk = max(n, 1) if self.chunk_size is None else self.chunk_size
         fast = float(floor) == 0.0 and float(rho) > 0.0
         deltas: dict[int, Tensor] = {}
         grads: dict[int, Tensor] = {}
-        for s in range(0, n, chunk):
+        for l, lay in enumerate(self._layers):
+            if lay.trainable:
+                w = lay.module.weight
+                d_a = w.shape[1] + (lay.module.bias is not None)
+                deltas[l] = torch.zeros(w.shape[0], d_a, dtype=w.dtype, device=w.device)
+                grads[l] = torch.zeros_like(deltas[l])
+        for s in range(0, n if ok else 0, chunk):  # sums over this rank's samples
             sl = slice(s, min(n, s + chunk))
             for l, abar, g, B in _factors(self._layers, rec, self._spec, sl):
                 if not self._layers[l].trainable:
                     continue
-                d = _direction_sum(abar, g, B, rho, floor, psd=fast and self._psd[l])
-                gr = g.T @ abar
-                deltas[l] = d if l not in deltas else deltas[l] + d
-                grads[l] = gr if l not in grads else grads[l] + gr
+                deltas[l] += _direction_sum(abar, g, B, rho, floor, psd=fast and self._psd[l])
+                grads[l] += g.T @ abar
+        if comm is not None:
+            # one all-reduce: the sums of the directions and gradients, the loss, and whether a rank had a
+            # non-finite loss / output gradient (its sums are zeros then; every rank skips together)
+            summed = self._spec.summed
+            lsum = torch.where(torch.isfinite(loss), loss * (1 if summed else n), torch.zeros_like(loss))
+            bad = torch.tensor(0.0 if ok else 1.0, dtype=loss.dtype, device=loss.device)
+            tail = [lsum.reshape(()).clone(), bad]
+            comm.all_reduce_sum_([*deltas.values(), *grads.values(), *tail])
+            ok = float(tail[1]) == 0.0
+            loss = tail[0] / (1 if summed else max(big_n, 1)) if ok else torch.full_like(loss, float("nan"))
+            if not ok:
+                self._skip("loss or output gradient (on some rank)")
+                return loss, False
         for l in deltas:
-            deltas[l] = deltas[l] / n
-            grads[l] = grads[l] / n
-        if not self._all_finite([*deltas.values(), *grads.values()]):
+            deltas[l] = deltas[l] / big_n
+            grads[l] = grads[l] / big_n
+        if not self._all_finite([*deltas.values(), *grads.values(), grp["lr"]]):
             self._skip("curvature or direction")
             return loss, False
         lr = grp["lr"]

@@ -71,11 +71,27 @@ the step is skipped before anything is written — parameters, :math:`\lambda` a
 Side effects: the curvature products leave buffers, RNG and ``.grad`` untouched (:mod:`fastcurv.hvp`); the
 two closure calls are ordinary forwards (a train-mode BatchNorm updates its statistics, dropout draws masks).
 After the step every ``.grad`` holds :math:`\nabla L(\theta)` of the returned loss :math:`L_0`.
+
+Data parallel (``distributed=``; docs/distributed.md)
+-----------------------------------------------------
+Under a process group of :math:`W > 1` ranks, rank :math:`r` holds :math:`n_r` rows of ``batch`` (its
+gradient batch) and :math:`m_r` rows of the curvature batch. The closure's backward runs inside DDP's
+``no_sync`` and one all-reduce makes the loss and every gradient the global-batch mean,
+:math:`L = \sum_r (n_r/N)\,L_r`, :math:`g = \sum_r (n_r/N)\,g_r` (:math:`N = \sum_r n_r`; exact for unequal
+local batches). Each curvature product is :math:`Hv = \sum_r (m_r/M)\,H_r v` (one all-reduce per product;
+BlockHF starts each block's reduction while the next block is computed), and the trial loss
+:math:`L_1` is reduced like :math:`L_0`. Every CG scalar is then computed from bitwise-identical vectors on
+every rank, so the ranks take the same exits, accept/reject decisions and damping updates without further
+consensus, and a non-finite value on one rank is non-finite in the sums everywhere (every rank skips). The
+returned loss is the global mean. ``distributed="owner"`` behaves as ``"replicate"``. A model that is not
+DDP-wrapped is accepted when every rank holds the same parameters (checked at construction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,6 +99,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcurv import hvp as _hvp
+from fastcurv.distributed import PendingSum, no_sync, unwrap
 from fastcurv.optim._base import Closure, CurvatureOptimizer
 from fastcurv.optim._cg import CGResult, Segments, truncated_cg
 
@@ -170,9 +187,16 @@ class _BlockGGNOperator:
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], flat: _Flat, blocks: Sequence[Sequence[int]]
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Sequence[Any],
+        flat: _Flat,
+        blocks: Sequence[Sequence[int]],
+        reduce: Callable[[list[Tensor]], PendingSum] | None = None,
     ) -> None:
         self.flat, self.blocks, self.loss_fn = flat, [list(b) for b in blocks], loss_fn
+        self.reduce = reduce
         self.targets = batch[1]
         ps = flat.params
         with _hvp._preserved(model, ps, True):
@@ -190,25 +214,38 @@ class _BlockGGNOperator:
     def __call__(self, v: Tensor, active: Sequence[bool]) -> Tensor:
         vs = self.flat.views(v)
         out: list[Tensor | None] = [None] * len(vs)
+        pending: list[PendingSum] = []
         for b, idx in enumerate(self.blocks):
-            if not active[b] or self.u is None:
+            if not active[b]:
                 continue
-            live = [i for i in idx if self.jt_u[i] is not None and self.jt_u[i].requires_grad]
-            if not live:
-                continue
-            (jv,) = torch.autograd.grad(
-                [self.jt_u[i] for i in live], self.u, grad_outputs=[vs[i] for i in live], retain_graph=True,
-                allow_unused=True,
-            )
-            if jv is None:
-                continue
-            hjv = _hvp.loss_hessian_vp(self.loss_fn, self.od, self.targets, jv.detach())
-            gv = torch.autograd.grad(
-                self.o, [self.flat.params[i] for i in idx], grad_outputs=hjv, retain_graph=True, allow_unused=True
-            )
-            for i, t in zip(idx, gv):
-                out[i] = t
+            self._block(vs, idx, out)
+            if self.reduce is not None:  # every rank reduces every active block (same calls everywhere)
+                for i in idx:
+                    if out[i] is None:
+                        out[i] = torch.zeros_like(self.flat.params[i])
+                pending.append(self.reduce([out[i] for i in idx]))  # overlaps with the next block's product
+        for w in pending:
+            w.wait()
         return self.flat.cat(out)
+
+    def _block(self, vs: list[Tensor], idx: list[int], out: list[Tensor | None]) -> None:
+        if self.u is None:
+            return
+        live = [i for i in idx if self.jt_u[i] is not None and self.jt_u[i].requires_grad]
+        if not live:
+            return
+        (jv,) = torch.autograd.grad(
+            [self.jt_u[i] for i in live], self.u, grad_outputs=[vs[i] for i in live], retain_graph=True,
+            allow_unused=True,
+        )
+        if jv is None:
+            return
+        hjv = _hvp.loss_hessian_vp(self.loss_fn, self.od, self.targets, jv.detach())
+        gv = torch.autograd.grad(
+            self.o, [self.flat.params[i] for i in idx], grad_outputs=hjv, retain_graph=True, allow_unused=True
+        )
+        for i, t in zip(idx, gv):
+            out[i] = t
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -223,6 +260,11 @@ def _check_batch(batch: object, who: str) -> tuple[Any, Any]:
     if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"{who}.step: batch must be a pair (inputs, targets), got {type(batch).__name__}")
     return batch[0], batch[1]
+
+
+def _rows(x: object) -> int:
+    """Samples in a batch's inputs (the leading dimension of a tensor; 1 for anything else)."""
+    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1
 
 
 def _pos_float(name: str, v: object, *, low: float = 0.0, strict: bool = False, high: float | None = None) -> float:
@@ -248,6 +290,8 @@ class _DampedKrylov(CurvatureOptimizer):
     :meth:`_direction`."""
 
     hyperparameters = {"lr": (0.0, None), "damping": (0.0, None)}
+    _supports_distributed = True
+    _reduces_gradients = True
 
     def __init__(
         self,
@@ -270,6 +314,8 @@ class _DampedKrylov(CurvatureOptimizer):
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
+        distributed: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         name = type(self).__name__
         if not callable(loss_fn):
@@ -294,9 +340,15 @@ class _DampedKrylov(CurvatureOptimizer):
         self.damping_decrease = _pos_float("damping_decrease", damping_decrease, low=0.0, strict=True, high=1.0)
         self.accept_ratio = _pos_float("accept_ratio", accept_ratio, low=-math.inf)
         super().__init__(
-            model, defaults, fallback=fallback, fallback_lr=fallback_lr, on_nonfinite=on_nonfinite, compile=compile
+            model, defaults, fallback=fallback, fallback_lr=fallback_lr, on_nonfinite=on_nonfinite, compile=compile,
+            distributed=distributed, process_group=process_group,
         )
         self.loss_fn = loss_fn
+        #: the module the curvature products run on (inside a DDP wrapper: no DDP hooks, no gradient sync)
+        self._net = unwrap(model)
+        # data parallel: this rank's share of the gradient batch and of the curvature batch (set every step)
+        self._w_grad = 1.0
+        self._w_curv = 1.0
         self._lm: Tensor | None = None
         self._counters.update(
             cg_iterations=0, curvature_products=0, negative_curvature_exits=0, steepest_descent_steps=0,
@@ -339,6 +391,12 @@ class _DampedKrylov(CurvatureOptimizer):
         self._check_hyper_types()
         inputs, targets = _check_batch(batch, type(self).__name__)
         curvature = self._curvature_subset((inputs, targets))  # validated before anything runs
+        rows = (_rows(inputs), _rows(curvature[0]))
+        if self._comm is None and 0 in rows:  # (under a process group: an empty *global* batch, after the reduce)
+            raise ValueError(
+                f"{type(self).__name__}.step: empty batch (inputs {tuple(inputs.shape)}, curvature rows {rows[1]}); "
+                f"nothing was changed"
+            )
         if closure is None:
             model, loss_fn = self.model, self.loss_fn
 
@@ -347,7 +405,8 @@ class _DampedKrylov(CurvatureOptimizer):
 
         elif not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        loss, ok = self._step_with(closure, curvature)
+        self._repair_state()
+        loss, ok = self._step_with(closure, curvature, rows)
         if ok:
             self._counters["steps"] += 1
         return loss
@@ -369,8 +428,106 @@ class _DampedKrylov(CurvatureOptimizer):
     def _after_solve(self, res: CGResult, delta: Tensor) -> None:
         """Hook for state kept from the solution (BlockHF's warm start)."""
 
-    def _step_with(self, closure: Closure, batch: tuple[Any, Any]) -> tuple[Tensor, bool]:
-        loss0 = self._eval_closure(closure)
+    def _carried_state(self) -> dict[str, Tensor]:
+        """The state carried from step to step: the running damping (BlockHF adds its warm start)."""
+        return {} if self._lm is None else {"lm_damping": self._lm}
+
+    def _reset_carried(self, names: list[str]) -> None:
+        if "lm_damping" in names:
+            self._lm = None  # back to param_groups[0]["damping"]
+
+    def _repair_state(self) -> None:
+        """A non-finite carried state (corrupted from outside a step) is reset, warned about and counted
+        (``state_resets``), as K-FAC / K-BFGS do; otherwise every later step would be skipped."""
+        st = self._carried_state()
+        if self._all_finite(st.values()):
+            return
+        bad = [k for k, t in st.items() if not bool(torch.isfinite(t).all())]
+        self._reset_carried(bad)
+        self._counters["state_resets"] += 1
+        warnings.warn(
+            f"{type(self).__name__}: non-finite optimizer state ({', '.join(bad)}) (corrupted from outside the "
+            f"step); reset (counted in counters()['state_resets'])",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    # ------------------------------------------------------------------ data parallel
+    def _sync(self) -> contextlib.AbstractContextManager[Any]:
+        """Under a process group: DDP's ``no_sync`` (the optimizer reduces the gradients itself, weighted)."""
+        return no_sync(self.model) if self._comm is not None else contextlib.nullcontext()
+
+    def _reduce_gradients(self, loss: Tensor, rows: tuple[int, int]) -> Tensor:
+        r"""Data parallel: the loss and every ``.grad`` become the global-batch mean, and the weights of this
+        rank's curvature products are set (one float and one int64 all-reduce).
+
+        Rank :math:`r` holds :math:`n_r` gradient rows and :math:`m_r` curvature rows, its loss and gradient
+        are local means. The global mean over :math:`N = \sum_r n_r` rows is
+        :math:`\sum_r (n_r/N)\,L_r` (and the same for :math:`
+abla L`), exact for unequal local batches;
+        curvature products are weighted by :math:`m_r/M` in the same way (:meth:`_matvec`). A parameter gets a
+        gradient iff some rank's backward reached it."""
+        comm = self._comm
+        assert comm is not None
+        n, m = rows
+        params = self.param_groups[0]["params"]
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64)
+        counts = torch.tensor([n, m], dtype=torch.int64)
+        scaled = [loss * n] + [(torch.zeros_like(p) if p.grad is None else p.grad * n) for p in params]
+        comm.all_reduce_sum_(scaled + [has, counts])
+        big_n, big_m = (int(c) for c in counts.tolist())
+        if big_n == 0 or big_m == 0:  # every rank sees the same counts: every rank raises
+            raise ValueError(
+                f"{type(self).__name__}.step: empty batch on every rank ({big_n} gradient rows, {big_m} curvature "
+                f"rows); parameters and state were not changed"
+            )
+        self._w_grad = n / big_n
+        self._w_curv = m / big_m
+        for p, g, h in zip(params, scaled[1:], has.tolist()):
+            p.grad = g.div_(big_n) if h > 0 else None
+        return scaled[0] / big_n
+
+    def _reduce_loss(self, loss: Tensor) -> Tensor:
+        """Data parallel: the global mean of a local mean loss (one all-reduce); unchanged alone."""
+        if self._comm is None:
+            return loss
+        out = loss * self._w_grad
+        self._comm.all_reduce_sum_([out])
+        return out
+
+    def _matvec(self, op: Callable[[Tensor, Sequence[bool]], Tensor]) -> Callable[[Tensor, Sequence[bool]], Tensor]:
+        r"""Data parallel: the curvature product of the global curvature batch,
+        :math:`Hv = \sum_r (m_r/M)\,H_r v` (one all-reduce per product); ``op`` itself alone."""
+        comm = self._comm
+        if comm is None:
+            return op
+        w = self._w_curv
+
+        def matvec(v: Tensor, active: Sequence[bool]) -> Tensor:
+            hv = op(v, active) * w
+            comm.all_reduce_sum_([hv])
+            return hv
+
+        return matvec
+
+    def _block_reducer(self) -> Callable[[list[Tensor]], PendingSum] | None:
+        """Data parallel: a callback that starts the weighted sum of one block's products in the background
+        (:class:`_BlockGGNOperator` overlaps it with the next block's product); None alone."""
+        comm = self._comm
+        if comm is None:
+            return None
+        w = self._w_curv
+
+        def start(ts: list[Tensor]) -> PendingSum:
+            return comm.start_sum_([t.mul_(w) for t in ts])
+
+        return start
+
+    def _step_with(self, closure: Closure, batch: tuple[Any, Any], rows: tuple[int, int]) -> tuple[Tensor, bool]:
+        with self._sync():
+            loss0 = self._eval_closure(closure)
+        if self._comm is not None:
+            loss0 = self._reduce_gradients(loss0, rows)
         params = self._preconditioned()
         flat = self._flat
         grads = [p.grad for p in params]
@@ -399,7 +556,8 @@ class _DampedKrylov(CurvatureOptimizer):
         with torch.no_grad():
             torch._foreach_add_(params, torch._foreach_mul(flat.views(delta), lr))
         self._fallback_update()
-        loss1 = self._trial_loss(closure)
+        with self._sync():
+            loss1 = self._reduce_loss(self._trial_loss(closure))
         l0, l1, q = float(loss0), float(loss1), float(pred)
         if not math.isfinite(l1):
             rho = -math.inf
@@ -450,14 +608,20 @@ class _DampedKrylov(CurvatureOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base state dict plus the running damping :math:`\\lambda` (``["fastcurv"]["lm_damping"]``)."""
         sd = super().state_dict()
-        sd["fastcurv"]["lm_damping"] = None if self._lm is None else self._lm.clone()
+        # always a tensor (the initial damping before the first step), so that the state dict has a fixed
+        # structure from construction on (torch.distributed.checkpoint loads in place)
+        sd["fastcurv"]["lm_damping"] = self.lm_damping.detach().clone()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (parameters' state, counters and the running damping)."""
         lm = state_dict.get("fastcurv", {}).get("lm_damping")
-        if lm is not None and (not isinstance(lm, Tensor) or lm.dim() != 0):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: lm_damping must be a 0-d tensor, got {lm!r}")
+        if lm is not None and (
+            not isinstance(lm, Tensor) or lm.dim() != 0 or not bool(torch.isfinite(lm)) or float(lm) < 0
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: lm_damping must be a finite 0-d tensor >= 0, got {lm!r}"
+            )
         super().load_state_dict(state_dict)
         ref = self.param_groups[0]["damping"]
         self._lm = None if lm is None else lm.to(device=ref.device).clone()
@@ -489,6 +653,9 @@ class NewtonCG(_DampedKrylov):
         on_nonfinite: ``"skip"`` (default) or ``"raise"``.
         compile: accepted for symmetry with the other optimizers (the step is host-driven CG; nothing is
             compiled here).
+        distributed, process_group: data parallelism (module docstring, *Data parallel*):
+            ``"replicate"`` (default; ``"owner"`` is the same here) or ``"off"``, and the group (default: the
+            default group).
 
     Example::
 
@@ -519,6 +686,8 @@ class NewtonCG(_DampedKrylov):
         accept_ratio: float = 0.0,
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
+        distributed: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -531,6 +700,7 @@ class NewtonCG(_DampedKrylov):
             curvature_eps=curvature_eps, adapt_damping=adapt_damping, min_damping=min_damping,
             max_damping=max_damping, rho_low=rho_low, rho_high=rho_high, damping_increase=damping_increase,
             damping_decrease=damping_decrease, accept_ratio=accept_ratio, on_nonfinite=on_nonfinite, compile=compile,
+            distributed=distributed, process_group=process_group,
         )
         self.method = method
         self.h = h
@@ -545,10 +715,12 @@ class NewtonCG(_DampedKrylov):
 
     def _operator(self, batch: tuple[Any, Any]) -> Callable[[Tensor, Sequence[bool]], Tensor]:
         if self.method == "complex-step":
-            return _ComplexStepOperator(self.model, self.loss_fn, batch, self._flat, self.h)
+            return self._matvec(_ComplexStepOperator(self._net, self.loss_fn, batch, self._flat, self.h))
         if self.method == "double-backward":
-            return _DoubleBackwardOperator(self.model, self.loss_fn, batch, self._flat)
-        return _BlockGGNOperator(self.model, self.loss_fn, batch, self._flat, [list(range(len(self._flat.params)))])
+            return self._matvec(_DoubleBackwardOperator(self._net, self.loss_fn, batch, self._flat))
+        return _BlockGGNOperator(
+            self._net, self.loss_fn, batch, self._flat, [list(range(len(self._flat.params)))], self._block_reducer()
+        )
 
     def _direction(self, batch: tuple[Any, Any], g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
         op = self._operator(batch)

@@ -165,9 +165,9 @@ def test_curvature_batch_fraction_or_count(monkeypatch):
     real = bhf._BlockGGNOperator
 
     class Spy(real):  # type: ignore[misc, valid-type]
-        def __init__(self, model, loss_fn, batch, flat, blocks):
+        def __init__(self, model, loss_fn, batch, flat, blocks, *rest):
             sizes.append((batch[0].shape[0], batch[1].shape[0]))
-            super().__init__(model, loss_fn, batch, flat, blocks)
+            super().__init__(model, loss_fn, batch, flat, blocks, *rest)
 
     monkeypatch.setattr(bhf, "_BlockGGNOperator", Spy)
     x, y = _data(n=10)
