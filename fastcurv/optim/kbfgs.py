@@ -667,6 +667,7 @@ class _KBFGSBase(CurvatureOptimizer):
                 torch.isfinite(loss2),
                 torch.stack([torch.isfinite(t).all() for t in h2 + g2]).all(),
                 torch.stack([torch.isfinite(t).all() for t in pairs]).all(),
+                torch.stack([torch.isfinite(v).all() for k, v in group.items() if isinstance(v, Tensor)]).all(),
                 torch.stack([L.stats.n_A.reshape(()) > 0 for L in layers]).any(),
             ]
             flags = self._consensus(torch.stack(checks)).tolist()
@@ -684,6 +685,7 @@ class _KBFGSBase(CurvatureOptimizer):
                 "loss (second pass)",
                 "captured statistic (second pass)",
                 "optimizer state",
+                "hyperparameter",
                 "",
             )
             self._skip(", ".join(w for w, f in zip(what, flags) if not f))

@@ -544,6 +544,9 @@ class KFAC(CurvatureOptimizer):
         corruption: nothing a step writes is non-finite). Under data parallelism the flags are agreed by all
         ranks first."""
         ts = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None] + As + Gs
+        # a non-finite hyperparameter (e.g. a scheduler writing NaN into lr) would write NaN into every
+        # parameter: it skips the step like a non-finite gradient
+        ts += [v.reshape(1) for k, v in self.param_groups[0].items() if k != "params" and isinstance(v, Tensor)]
         if loss is not None:
             ts.append(loss.reshape(1))  # shape (1,): a 0-d input would be specialised with a NaN guard (recompile)
         if not ts:
