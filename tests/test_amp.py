@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastcurv.ops
-from fastcurv.optim import KBFGS, KBFGSL, KFAC
+from fastcurv.optim import KBFGS, KBFGSL, KFAC, BlockHF, ExactNewton, NewtonCG
 
 OPTS = {
     "kfac": (KFAC, dict(lr=0.3, damping=0.3)),
@@ -172,3 +172,77 @@ def test_grad_scaler_protocol_errors_and_user_unscale():
     o2.step(scaler=sc2)
     sc2.update()
     assert all(torch.equal(p, q) for p, q in zip(ref_model.parameters(), m2.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the Newton-type optimizers: autocast inside the closure (gradient, loss), curvature products as written
+# ------------------------------------------------------------------------------------------------------------
+NEWTON = {
+    "newton_cg": lambda m: NewtonCG(m, _loss, method="ggn", damping=1.0, max_cg_iters=10),
+    "block_hf": lambda m: BlockHF(m, _loss, damping=1.0, max_cg_iters=10),
+    "exact_newton": lambda m: ExactNewton(m, "bce", lr=0.5, damping=1.0),
+}
+
+
+def _train_newton(name: str, dtype: torch.dtype | None, steps: int = 12, scaler=None):
+    model = _autoencoder()
+    opt = NEWTON[name](model)
+    X = _data()
+    losses = []
+    for k in range(steps):
+        x = X[(k * 64) % 512 : (k * 64) % 512 + 64]
+
+        def closure():
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                out = model(x)
+            return _loss(out, x)
+
+        if name == "exact_newton":
+            loss = opt.step(closure)
+        else:
+            loss = opt.step(closure, batch=(x, x), scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+        losses.append(float(loss))
+    return losses, model, opt
+
+
+@pytest.mark.parametrize("name", NEWTON)
+def test_newton_bf16_autocast_tracks_float32(name):
+    ref, _, _ = _train_newton(name, None)
+    got, model, opt = _train_newton(name, torch.bfloat16)
+    assert ref[-1] < 0.95 * ref[0]  # it trains
+    rel = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
+    assert rel < 0.03, f"bf16 loss curve departs from float32 by {rel:.3%}"
+    assert opt.counters()["skipped_steps"] == 0
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in _state(opt).values())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "block_hf"])
+def test_newton_grad_scaler_is_exact_and_overflow_skips(name):
+    """A power-of-two scale gives bitwise the unscaled run; a huge one overflows the fp16 activation
+    gradients: the step is skipped with nothing changed and the scale backs off."""
+    ref, m1, _ = _train_newton(name, None, steps=4)
+    got, m2, _ = _train_newton(name, None, steps=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    assert ref == got and all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+    model = _autoencoder()
+    opt = NEWTON[name](model)
+    x = _data()[:64]
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        return _loss(out, x)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure, batch=(x, x), scaler=scaler)
+    scaler.update()
+    assert opt.counters()["skipped_steps"] == 1 and opt.steps == 0 and scaler.get_scale() == 2.0**39
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    for _ in range(30):
+        opt.step(closure, batch=(x, x), scaler=scaler)
+        scaler.update()
+    assert opt.steps > 0 and all(torch.isfinite(p).all() for p in model.parameters())

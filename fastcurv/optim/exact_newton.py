@@ -529,7 +529,12 @@ class ExactNewton(CurvatureOptimizer):
         z = zs[0].detach()
         if z.dim() != 2:
             raise ValueError(f"ExactNewton: the model output must be (batch, outputs), got {tuple(z.shape)}")
-        return loss, _Record([r[0] for r in inputs], [r[0] for r in outputs], z, dzs[-1])
+        # under autocast the recorded activations are bf16/fp16: the recursion, eigh and Cholesky run in the
+        # parameters' dtype (float32 state for a low-precision forward)
+        dt = self._layers[-1].module.weight.dtype
+        return loss, _Record(
+            [r[0].to(dt) for r in inputs], [r[0].to(dt) for r in outputs], z.to(dt), dzs[-1].to(dt)
+        )
 
     def _eval_closure(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
         # as the base, but keep the undetached loss for the gradient to the output

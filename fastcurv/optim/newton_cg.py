@@ -290,6 +290,7 @@ class _DampedKrylov(CurvatureOptimizer):
     :meth:`_direction`."""
 
     hyperparameters = {"lr": (0.0, None), "damping": (0.0, None)}
+    _supports_scaler = True
     _supports_distributed = True
     _reduces_gradients = True
 
@@ -384,10 +385,16 @@ class _DampedKrylov(CurvatureOptimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(  # type: ignore[override]
-        self, closure: Closure | None = None, *, batch: Sequence[Any] | None = None
+        self, closure: Closure | None = None, *, batch: Sequence[Any] | None = None, scaler: Any = None
     ) -> Tensor:
         """One step (see the module docstring). ``batch=(x, y)`` is required; ``closure`` defaults to
-        ``lambda: loss_fn(model(x), y)``. Returns the loss at the start of the step (detached)."""
+        ``lambda: loss_fn(model(x), y)``. Returns the loss at the start of the step (detached).
+
+        ``scaler``: a ``torch.amp.GradScaler`` for an fp16-autocast closure: the closure's backward runs on
+        ``scaler.scale(loss)`` and the gradients are unscaled (``scaler.unscale_(self)``) before anything uses
+        them; a step whose gradients overflowed is skipped. Call ``scaler.update()`` after every step. The
+        curvature products run ``loss_fn(model(x), y)`` as written (outside the closure's autocast region),
+        so they need no scaling."""
         self._check_hyper_types()
         inputs, targets = _check_batch(batch, type(self).__name__)
         curvature = self._curvature_subset((inputs, targets))  # validated before anything runs
@@ -406,7 +413,11 @@ class _DampedKrylov(CurvatureOptimizer):
         elif not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         self._repair_state()
-        loss, ok = self._step_with(closure, curvature, rows)
+        self._scaler = scaler
+        try:
+            loss, ok = self._step_with(closure, curvature, rows)
+        finally:
+            self._scaler = None
         if ok:
             self._counters["steps"] += 1
         return loss
@@ -526,6 +537,7 @@ abla L`), exact for unequal local batches;
     def _step_with(self, closure: Closure, batch: tuple[Any, Any], rows: tuple[int, int]) -> tuple[Tensor, bool]:
         with self._sync():
             loss0 = self._eval_closure(closure)
+        self._unscale()  # with a GradScaler: the gradients are unscaled (inf/NaN on overflow: skipped below)
         if self._comm is not None:
             loss0 = self._reduce_gradients(loss0, rows)
         params = self._preconditioned()
