@@ -367,7 +367,24 @@ def _job_raise(rank: int, out: Path) -> dict:
     return {}
 
 
-JOBS = {"main": _job_main, "raise": _job_raise}
+def _job_raise_newton(rank: int, out: Path) -> dict:
+    """As ``_job_raise`` for NewtonCG: rank 0 is left in the optimizer's own gradient all-reduce."""
+    net = DDP(_model())
+    opt = NewtonCG(net, _loss, max_cg_iters=4)
+    x, y = _batches()[0]
+    x, y = x[rank * 8 : rank * 8 + 8], y[rank * 8 : rank * 8 + 8]
+    for k in range(5):
+
+        def closure():
+            if rank == 1 and k == 2:
+                raise RuntimeError("injected failure on rank 1")
+            return _loss(net(x), y)
+
+        opt.step(closure, batch=(x, y))
+    return {}
+
+
+JOBS = {"main": _job_main, "raise": _job_raise, "raise-newton_cg": _job_raise_newton}
 
 
 # ============================================================================================================
@@ -454,8 +471,9 @@ def test_two_ranks_equal_one_process_and_never_diverge(tmp_path: Path) -> None:
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
 
 
-def test_failing_rank_makes_the_other_fail_not_hang(tmp_path: Path) -> None:
-    procs = _start("raise", tmp_path, pg_timeout=5)
+@pytest.mark.parametrize("job", ["raise", "raise-newton_cg"])
+def test_failing_rank_makes_the_other_fail_not_hang(tmp_path: Path, job: str) -> None:
+    procs = _start(job, tmp_path, pg_timeout=5)
     codes, hung = _join(procs, 60)
     assert not hung, "a rank hung instead of failing"
     assert codes[1] != 0 and codes[0] != 0, codes
