@@ -606,7 +606,7 @@ class ExactNewton(CurvatureOptimizer):
             return loss, False
         big_n = n
         if comm is not None:  # the global batch size (a loss summed over the batch scales by it)
-            counts = torch.tensor([n], dtype=torch.int64)
+            counts = torch.tensor([n], dtype=torch.int64, device=rec.z.device)  # (NCCL: device tensors only)
             comm.all_reduce_sum_([counts])
             big_n = int(counts)
             if big_n == 0:

@@ -482,8 +482,9 @@ abla L`), exact for unequal local batches;
         assert comm is not None
         n, m = rows
         params = self.param_groups[0]["params"]
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64)
-        counts = torch.tensor([n, m], dtype=torch.int64)
+        dev = params[0].device  # (NCCL reduces device tensors only)
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=dev)
+        counts = torch.tensor([n, m], dtype=torch.int64, device=dev)
         scaled = [loss * n] + [(torch.zeros_like(p) if p.grad is None else p.grad * n) for p in params]
         comm.all_reduce_sum_(scaled + [has, counts])
         big_n, big_m = (int(c) for c in counts.tolist())
