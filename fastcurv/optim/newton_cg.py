@@ -474,8 +474,7 @@ class _DampedKrylov(CurvatureOptimizer):
 
         Rank :math:`r` holds :math:`n_r` gradient rows and :math:`m_r` curvature rows, its loss and gradient
         are local means. The global mean over :math:`N = \sum_r n_r` rows is
-        :math:`\sum_r (n_r/N)\,L_r` (and the same for :math:`
-abla L`), exact for unequal local batches;
+        :math:`\sum_r (n_r/N)\,L_r` (and the same for :math:`\nabla L`), exact for unequal local batches;
         curvature products are weighted by :math:`m_r/M` in the same way (:meth:`_matvec`). A parameter gets a
         gradient iff some rank's backward reached it."""
         comm = self._comm
