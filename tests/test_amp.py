@@ -35,6 +35,17 @@ def _loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out.float(), x, reduction="sum") / x.shape[0]
 
 
+def _closure(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None):
+    """The autoencoder's closure on ``x``, its forward under ``dtype`` autocast (None: plain float32)."""
+
+    def closure() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x)
+        return _loss(out, x)
+
+    return closure
+
+
 def _train(name: str, dtype: torch.dtype | None, steps: int = 30, scaler=None, plain: bool = False):
     cls, kw = OPTS[name]
     model = _autoencoder()
@@ -44,10 +55,7 @@ def _train(name: str, dtype: torch.dtype | None, steps: int = 30, scaler=None, p
     for k in range(steps):
         x = X[(k * 64) % 512 : (k * 64) % 512 + 64]
 
-        def closure():
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                out = model(x)
-            return _loss(out, x)
+        closure = _closure(model, x, dtype)
 
         if plain:
             opt.zero_grad()
@@ -121,10 +129,7 @@ def test_grad_scaler_overflow_skips_the_step_and_backs_off(name):
     opt = cls(model, **kw)
     x = _data()[:64]
 
-    def closure():
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = model(x)
-        return _loss(out, x)
+    closure = _closure(model, x, torch.float16)
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     before = [p.detach().clone() for p in model.parameters()]
@@ -192,10 +197,7 @@ def _train_newton(name: str, dtype: torch.dtype | None, steps: int = 12, scaler=
     for k in range(steps):
         x = X[(k * 64) % 512 : (k * 64) % 512 + 64]
 
-        def closure():
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                out = model(x)
-            return _loss(out, x)
+        closure = _closure(model, x, dtype)
 
         if name == "exact_newton":
             loss = opt.step(closure)
@@ -231,10 +233,7 @@ def test_newton_grad_scaler_is_exact_and_overflow_skips(name):
     opt = NEWTON[name](model)
     x = _data()[:64]
 
-    def closure():
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = model(x)
-        return _loss(out, x)
+    closure = _closure(model, x, torch.float16)
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     before = [p.detach().clone() for p in model.parameters()]

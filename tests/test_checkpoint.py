@@ -95,6 +95,20 @@ def _state(opt) -> dict:
     return {(i, k): v for i, p in enumerate(opt.param_groups[0]["params"]) for k, v in opt.state[p].items()}
 
 
+def _restore_into(fresh, model, opt, sched):
+    """Round-trip model, optimizer and scheduler state through ``torch.save`` / ``torch.load`` into
+    ``fresh(seed=7, lr=0.05, damping=1.5)`` (another initialisation and other hyperparameters), returned."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model2, opt2, sched2 = fresh(seed=7, lr=0.05, damping=1.5)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    return model2, opt2, sched2
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_resume_from_state_dict_is_bitwise_the_uninterrupted_run(name):
     make, sampled, warm = CASES[name]
@@ -112,16 +126,8 @@ def test_resume_from_state_dict_is_bitwise_the_uninterrupted_run(name):
 
     model, opt, sched = fresh()
     _steps(model, opt, sched, sampled, range(K))
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-
     # a different initialisation and different hyperparameters: everything must come from the checkpoint
-    model2, opt2, sched2 = fresh(seed=7, lr=0.05, damping=1.5)
-    model2.load_state_dict(saved["model"])
-    opt2.load_state_dict(saved["opt"])
-    sched2.load_state_dict(saved["sched"])
+    model2, opt2, sched2 = _restore_into(fresh, model, opt, sched)
     assert opt2.counters() == opt.counters() and opt2.steps == K
     _steps(model2, opt2, sched2, sampled, range(K, 2 * K))
 
@@ -231,16 +237,8 @@ def test_newton_resume_from_state_dict_is_bitwise_the_uninterrupted_run(name):
         assert float(lam) != 0.3
     if isinstance(opt, BlockHF):
         assert all(opt.state[p]["delta"].abs().sum() > 0 for blk in opt.blocks for p in blk)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-
-    # a different initialisation and different lr / damping: everything must come from the checkpoint
-    model2, opt2, sched2 = fresh(seed=7, lr=0.05, damping=1.5)
-    model2.load_state_dict(saved["model"])
-    opt2.load_state_dict(saved["opt"])
-    sched2.load_state_dict(saved["sched"])
+    # a different initialisation and different hyperparameters: everything must come from the checkpoint
+    model2, opt2, sched2 = _restore_into(fresh, model, opt, sched)
     assert opt2.counters() == opt.counters() and opt2.steps == K
     if lam is not None:
         assert opt2.lm_damping.dtype == D64 and torch.equal(opt2.lm_damping, lam)
