@@ -95,6 +95,20 @@ def _state(opt) -> dict:
     return {(i, k): v for i, p in enumerate(opt.param_groups[0]["params"]) for k, v in opt.state[p].items()}
 
 
+def _assert_bitwise_same(ref_model, ref, model2, opt2) -> None:
+    """Parameters, every state tensor (and its dtype) and every hyperparameter are bitwise equal."""
+    for (n, p), q in zip(ref_model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), n
+    a, b = _state(ref), _state(opt2)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    for k, v in ref.param_groups[0].items():
+        if k != "params":
+            w = opt2.param_groups[0][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, k
+
+
 def _restore_into(fresh, model, opt, sched):
     """Round-trip model, optimizer and scheduler state through ``torch.save`` / ``torch.load`` into
     ``fresh(seed=7, lr=0.05, damping=1.5)`` (another initialisation and other hyperparameters), returned."""
@@ -131,16 +145,7 @@ def test_resume_from_state_dict_is_bitwise_the_uninterrupted_run(name):
     assert opt2.counters() == opt.counters() and opt2.steps == K
     _steps(model2, opt2, sched2, sampled, range(K, 2 * K))
 
-    for (n, p), q in zip(ref_model.named_parameters(), model2.parameters()):
-        assert torch.equal(p, q), n
-    a, b = _state(ref), _state(opt2)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    for k, v in ref.param_groups[0].items():
-        if k != "params":
-            w = opt2.param_groups[0][k]
-            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, k
+    _assert_bitwise_same(ref_model, ref, model2, opt2)
     assert ref.counters() == opt2.counters()
 
 
@@ -244,16 +249,7 @@ def test_newton_resume_from_state_dict_is_bitwise_the_uninterrupted_run(name):
         assert opt2.lm_damping.dtype == D64 and torch.equal(opt2.lm_damping, lam)
     _newton_steps(model2, opt2, sched2, range(K, 2 * K))
 
-    for (n, p), q in zip(ref_model.named_parameters(), model2.parameters()):
-        assert torch.equal(p, q), n
-    a, b = _state(ref), _state(opt2)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    for k, v in ref.param_groups[0].items():
-        if k != "params":
-            w = opt2.param_groups[0][k]
-            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, k
+    _assert_bitwise_same(ref_model, ref, model2, opt2)
     if lam is not None:
         assert torch.equal(ref.lm_damping, opt2.lm_damping)
     assert ref.counters() == opt2.counters() and ref.skipped_steps == 0

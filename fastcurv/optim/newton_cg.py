@@ -483,10 +483,12 @@ class _DampedKrylov(CurvatureOptimizer):
         params = self.param_groups[0]["params"]
         dev = params[0].device  # (NCCL reduces device tensors only)
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=dev)
-        counts = torch.tensor([n, m], dtype=torch.int64, device=dev)
-        scaled = [loss * n] + [(torch.zeros_like(p) if p.grad is None else p.grad * n) for p in params]
-        comm.all_reduce_sum_(scaled + [has, counts])
-        big_n, big_m = (int(c) for c in counts.tolist())
+        n_t = torch.tensor([n], dtype=torch.int64, device=dev)
+        m_t = torch.tensor([m], dtype=torch.int64, device=dev)
+        loss = loss.clone()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        comm.weighted_mean_([loss, *grads], [n_t] * (1 + len(grads)), counters=[m_t, has])
+        big_n, big_m = int(n_t), int(m_t)
         if big_n == 0 or big_m == 0:  # every rank sees the same counts: every rank raises
             raise ValueError(
                 f"{type(self).__name__}.step: empty batch on every rank ({big_n} gradient rows, {big_m} curvature "
@@ -494,9 +496,9 @@ class _DampedKrylov(CurvatureOptimizer):
             )
         self._w_grad = n / big_n
         self._w_curv = m / big_m
-        for p, g, h in zip(params, scaled[1:], has.tolist()):
-            p.grad = g.div_(big_n) if h > 0 else None
-        return scaled[0] / big_n
+        for p, g, h in zip(params, grads, has.tolist()):
+            p.grad = g if h > 0 else None
+        return loss
 
     def _reduce_loss(self, loss: Tensor) -> Tensor:
         """Data parallel: the global mean of a local mean loss (one all-reduce); unchanged alone."""
