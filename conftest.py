@@ -28,10 +28,13 @@ _common = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
     print_blob=True,
 )
+# The default is deterministic on every machine, with or without CI=true (the README's test command must give
+# the same verdict everywhere); random exploration is opt-in: HYPOTHESIS_PROFILE=dev (25 random examples) or
+# HYPOTHESIS_PROFILE=nightly (300), see the README. A failure found there is pinned with @example.
 settings.register_profile("ci", max_examples=12, derandomize=True, database=None, **_common)
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("nightly", max_examples=300, **_common)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 
