@@ -43,6 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._compat import patch_interpreter
+
+patch_interpreter()
+
 __all__ = ["complex_matmul"]
 
 
@@ -68,10 +72,11 @@ _INT32_LIMIT = 2**31 - 1  # element offsets at or past this switch the kernel to
 @triton.jit
 def _signed_dot(x, y, acc, SIGN: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + SIGN * (x @ y)`` for SIGN in {-1, 1}: the sign goes on the operand (exact), so the product
-    still accumulates inside the dot."""
+    still accumulates inside the dot. ``out_dtype`` is the accumulator's: Triton 3.6 defaults it to float32
+    and rejects a float64 accumulator otherwise."""
     if SIGN < 0:
         x = -x
-    return tl.dot(x, y, acc, input_precision=PRECISION)
+    return tl.dot(x, y, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
