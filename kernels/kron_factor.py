@@ -111,20 +111,21 @@ def _kron_factor_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Launch configurations. UNTUNED starting points for an H100: no GPU was available when this was written;
-# issue 7 tunes them (and may add split-K for few-tile layers with long batches). What is known, from
-# compiling for sm_90a without a GPU (triton 3.9, ptxas -v): fp32 with TF32 and bf16/fp16 X lower
-# tl.dot to wgmma, fp64 to mma.sync, fp32 "ieee" to FMAs; BLOCK 128 / 8 warps uses 255 registers and
-# spills 230-340 bytes (the epilogue: A tile + accumulator + 64-bit addresses live together); BLOCK 64 /
-# 4 warps uses ~195-245 registers with no spills.
-# The largest BLOCK that still gives at least one tile per SM is used, else the smallest.
-# Under the CPU interpreter the cost grows with (#programs x loop iterations), so blocks are large there.
+# Launch configurations. Not yet timed on a GPU. Compiled ahead of time for sm_90 (tools/aot_compile.py,
+# results in bench/results/): fp32 with TF32 and bf16/fp16 X lower tl.dot to wgmma, fp64 to mma.sync, fp32
+# "ieee" to FMAs; BLOCK 128 / 8 warps uses 255 registers and spills (232-336 bytes on triton 3.9, 448-696
+# on 3.6: the epilogue keeps the A tile, the accumulator and 64-bit addresses live together), so float32
+# uses BLOCK 64 / 4 warps only (no spills on either version). float64 keeps 64 (no spills) and 32 for
+# layers too small to give every SM a tile: the largest BLOCK that still gives at least one tile per SM is
+# used, else the smallest.
+# Under the CPU interpreter the cost grows with (#programs x loop iterations), so blocks are large there
+# (same kernel, other constexprs).
 # --------------------------------------------------------------------------------------------------------
 _LOW = (torch.bfloat16, torch.float16)
-_LOW_CFG = {128: (64, 8, 3), 64: (64, 4, 3)}
+_LOW_CFG = {64: (64, 4, 3)}
 # (A dtype, X dtype) -> {BLOCK: (BLOCK_K, num_warps, num_stages)}, largest BLOCK first
 _GPU_CONFIGS: dict[tuple[torch.dtype, torch.dtype], dict[int, tuple[int, int, int]]] = {
-    (torch.float32, torch.float32): {128: (32, 8, 3), 64: (32, 4, 3)},
+    (torch.float32, torch.float32): {64: (32, 4, 3)},
     (torch.float32, torch.bfloat16): _LOW_CFG,
     (torch.float32, torch.float16): _LOW_CFG,
     (torch.float64, torch.float64): {64: (32, 4, 2), 32: (32, 4, 3)},
