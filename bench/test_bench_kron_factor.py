@@ -3,6 +3,10 @@ r"""Benchmarks of the Kronecker-factor update :math:`A \leftarrow \beta A + \fra
 Single layer: the fused SYRK + EMA op against the eager reference, ``torch.compile`` of the reference and
 the eager two-kernel ``A.mul_(beta).addmm_(X.T, X, alpha=(1-beta)/m)`` (a full GEMM: the "1.6x addmm"
 target). Grouped: 50 layers in one ``_foreach_`` call against a Python loop of single-layer calls.
+CPU reference: the eager path K-FAC runs on the CPU (one GEMM with the EMA inside BLAS, then
+:math:`(N+N^\top)/2`) against the former formulation (a full product, its upper triangle mirrored, then
+the EMA as separate tensor ops), on the CURVES factor widths 784 and 400 at m = 1000, float32;
+interleaved rounds, median ratio in ``extra_info``.
 Throughput counts the symmetric FLOPs, :math:`2 m \cdot d(d+1)/2` per layer (only the upper triangle of
 :math:`X^\top X` is needed), against the TF32 or FP32 peak according to
 ``torch.backends.cuda.matmul.allow_tf32``.
@@ -14,6 +18,8 @@ reference path, with tiny sizes, as a smoke test (``--benchmark-disable``: every
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import pytest
@@ -114,3 +120,45 @@ def test_kron_factor_update_foreach(bench, benchmark) -> None:
         peak_key=_peak_key(dtype),
     )
     assert all(torch.equal(A, A.T) for A in As)
+
+
+def _mirror_reference(A: torch.Tensor, X: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The former eager formulation: the full product, its upper triangle mirrored, the EMA as tensor ops."""
+    C = X.T @ X
+    S = torch.triu(C) + torch.triu(C, 1).T
+    new = beta * A + ((1 - beta) / X.shape[0]) * S
+    ok = torch.isfinite(X).all() & torch.isfinite(beta) & (beta >= 0) & (beta <= 1)
+    A.copy_(torch.where(ok, new, A))
+    return A
+
+
+@pytest.mark.benchmark(group="kron_factor_reference_cpu")
+@pytest.mark.parametrize("d", (784, 400))
+def test_reference_update_cpu(benchmark, d: int) -> None:
+    """CPU eager reference at K-FAC's CURVES widths: the GEMM-with-EMA form against the mirror form."""
+    m = 1000 if not benchmark.disabled else 16
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(m, d, generator=g)
+    A0 = X.T @ X / m
+    A0 = torch.triu(A0) + torch.triu(A0, 1).T
+    beta = torch.tensor(BETA)
+    A_new, A_old = A0.clone(), A0.clone()
+    new = lambda: reference.kron_factor_update_(A_new, X, beta)  # noqa: E731
+    old = lambda: _mirror_reference(A_old, X, beta)  # noqa: E731
+    out = benchmark.pedantic(new, rounds=5 if not benchmark.disabled else 1, iterations=1)
+    assert torch.equal(out, out.T)
+    if benchmark.disabled:
+        old()
+        return
+    t_new, t_old = [], []
+    for _ in range(15):  # interleaved: both see the same machine load
+        for fn, ts in ((new, t_new), (old, t_old)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    info = benchmark.extra_info
+    info["shape"] = f"X ({m}, {d}) float32, A ({d}, {d})"
+    info["threads"] = torch.get_num_threads()
+    info["new_median_s"] = statistics.median(t_new)
+    info["mirror_median_s"] = statistics.median(t_old)
+    info["ratio_mirror_over_new"] = statistics.median(o / n for o, n in zip(t_old, t_new))

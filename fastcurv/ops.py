@@ -14,8 +14,9 @@ synchronise); non-finite values are handled by the ops' own guards, documented i
 
 Ops
 ---
-``kron_factor_update_(A, X, beta)``, ``kron_factor_update_foreach_(As, Xs, beta)``
-    Symmetric EMA of Kronecker factors, :math:`A \leftarrow \beta A + \frac{1-\beta}{m} X^\top X`.
+``kron_factor_update_(A, X, beta, *, normalize)``, ``kron_factor_update_foreach_(As, Xs, beta, *, normalize)``
+    Symmetric EMA of Kronecker factors, :math:`A \leftarrow \beta A + \frac{1-\beta}{m} X^\top X`
+    (``normalize=False``: :math:`\beta A + (1-\beta) X^\top X`, Shampoo/SOAP statistics).
 ``damped_bfgs_update_(H, s, y, *, mu1, mu2, curvature_tol, grad_norm)``, ``damped_bfgs_update_foreach_``
     Double-damped BFGS inverse update with skip rules; returns "applied" as a bool tensor.
 ``damped_pair(s, y, Hy, *, mu1, mu2)``
@@ -148,25 +149,36 @@ def _check_kron(As: list[Tensor], Xs: list[Tensor], an: str, xn: str, single: bo
 
 
 @torch.library.custom_op("fastcurv::kron_factor_update_foreach_", mutates_args=("As",))
-def _kron_op(As: list[Tensor], Xs: list[Tensor], beta: Tensor) -> None:
+def _kron_op(As: list[Tensor], Xs: list[Tensor], beta: Tensor, normalize: bool = True) -> None:
     if not As:
         return
     if _backend.use_triton(As[0]):
         from fastcurv.kernels import kron_factor
 
         oks = torch.stack([torch.isfinite(X).all() for X in Xs]) & torch.isfinite(beta) & (beta >= 0) & (beta <= 1)
-        kron_factor.kron_factor_update(As, [X.contiguous() for X in Xs], beta, oks)
+        kron_factor.kron_factor_update(As, [X.contiguous() for X in Xs], beta, oks, normalize)
     else:
-        reference.kron_factor_update_foreach_(As, Xs, beta)
+        reference.kron_factor_update_foreach_(As, Xs, beta, normalize=normalize)
 
 
 @_kron_op.register_fake
-def _(As: list[Tensor], Xs: list[Tensor], beta: Tensor) -> None:
+def _(As: list[Tensor], Xs: list[Tensor], beta: Tensor, normalize: bool = True) -> None:
     return None
 
 
-def kron_factor_update_(A: Tensor, X: Tensor, beta: float | Tensor) -> Tensor:
+def _check_normalize(normalize: object) -> bool:
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    return normalize
+
+
+def kron_factor_update_(A: Tensor, X: Tensor, beta: float | Tensor, *, normalize: bool = True) -> Tensor:
     r"""In place: :math:`A \leftarrow \beta A + \frac{1-\beta}{m} X^\top X` for ``X`` of shape ``(m, d)``.
+
+    ``normalize=False`` drops the :math:`1/m`: :math:`A \leftarrow \beta A + (1-\beta) X^\top X`, the
+    statistics of Shampoo and SOAP, :math:`L \leftarrow \beta L + (1-\beta) GG^\top` for a gradient matrix
+    ``G`` with ``X = G.T`` (and :math:`R \leftarrow \beta R + (1-\beta) G^\top G` with ``X = G``; a transposed
+    view is accepted, the kernel path copies it to contiguous rows).
 
     A symmetric-rank-k update: the kernel computes only the tiles on and above the diagonal and mirrors
     them (half the FLOPs of a GEMM), so ``A`` stays exactly symmetric. ``A`` must be symmetric on entry:
@@ -178,23 +190,27 @@ def kron_factor_update_(A: Tensor, X: Tensor, beta: float | Tensor) -> Tensor:
     """
     A, X = _tensor("A", A), _tensor("X", X)
     _check_kron([A], [X], "A", "X", single=True)
+    nz = _check_normalize(normalize)
     b = _scalar_arg("beta", beta, A, lo=0.0, hi=1.0)
-    torch.ops.fastcurv.kron_factor_update_foreach_([A], [X], b)
+    torch.ops.fastcurv.kron_factor_update_foreach_([A], [X], b, nz)
     return A
 
 
-def kron_factor_update_foreach_(As: Sequence[Tensor], Xs: Sequence[Tensor], beta: float | Tensor) -> list[Tensor]:
+def kron_factor_update_foreach_(
+    As: Sequence[Tensor], Xs: Sequence[Tensor], beta: float | Tensor, *, normalize: bool = True
+) -> list[Tensor]:
     r""":func:`kron_factor_update_` over lists of layers of different sizes, in one launch on CUDA.
 
-    All ``As`` share one dtype and device (likewise all ``Xs``); the non-finite guard is per layer.
-    Returns the list ``As``.
+    All ``As`` share one dtype and device (likewise all ``Xs``) and one ``normalize``; the non-finite guard
+    is per layer. Returns the list ``As``.
     """
     As, Xs = _check_list("As", As), _check_list("Xs", Xs)
     _check_kron(As, Xs, "As", "Xs")
+    nz = _check_normalize(normalize)
     if not As:
         return As
     b = _scalar_arg("beta", beta, As[0], lo=0.0, hi=1.0)
-    torch.ops.fastcurv.kron_factor_update_foreach_(As, Xs, b)
+    torch.ops.fastcurv.kron_factor_update_foreach_(As, Xs, b, nz)
     return As
 
 

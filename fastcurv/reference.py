@@ -40,35 +40,45 @@ def _scalar(v: float | Tensor, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 # Kronecker-factor update
 # --------------------------------------------------------------------------------------------------------
-def kron_factor_update_(A: Tensor, X: Tensor, beta: float | Tensor) -> Tensor:
-    r"""Symmetric EMA of a Kronecker factor, in place:
+def kron_factor_update_(A: Tensor, X: Tensor, beta: float | Tensor, *, normalize: bool = True) -> Tensor:
+    r"""Symmetric EMA of a Kronecker factor, in place, for a batch :math:`X \in \mathbb{R}^{m\times d}`:
 
-    .. math:: A \leftarrow \beta A + \frac{1-\beta}{m} X^\top X, \qquad X \in \mathbb{R}^{m\times d}.
+    .. math::
+        A \leftarrow \beta A + \frac{1-\beta}{m} X^\top X \quad (\texttt{normalize=True}), \qquad
+        A \leftarrow \beta A + (1-\beta)\, X^\top X \quad (\texttt{normalize=False}).
 
-    :math:`X^\top X` is accumulated in ``A.dtype`` (float32 when ``X`` is bf16/fp16) and made *exactly*
-    symmetric by taking its upper triangle and mirroring it, so a symmetric ``A`` stays bitwise symmetric.
-    Guard: when ``X`` or ``beta`` is non-finite, or ``beta`` lies outside ``[0, 1]``, ``A`` is left bitwise
-    unchanged (decided with tensor ops: no host synchronisation).
+    ``normalize=True`` averages per-sample rows (K-FAC's :math:`\mathbb{E}[aa^\top]`); ``normalize=False``
+    is the plain sum, e.g. Shampoo/SOAP statistics :math:`L \leftarrow \beta L + (1-\beta) GG^\top` from a
+    gradient matrix :math:`G` with ``X = G.T`` (and :math:`R` with ``X = G``).
+
+    The product is accumulated in ``A.dtype`` (float32 when ``X`` is bf16/fp16) in one GEMM, scaled and
+    accumulated with :math:`\beta A` in place (two passes over :math:`d^2`, no host scalars: nothing
+    synchronises), and the result :math:`N` is made *exactly* symmetric as :math:`(N + N^\top)/2` —
+    floating-point addition commutes, so entries :math:`(i, j)` and :math:`(j, i)` are the same sum. (A
+    half-size product is not available: BLAS ``syrk`` is not exposed by torch, and on the CPU one GEMM is
+    faster than a blocked triangle of smaller ones.) ``A`` is assumed symmetric (it is read whole). Guard:
+    when ``X`` or ``beta`` is non-finite, or ``beta`` lies outside ``[0, 1]``, ``A`` is left bitwise unchanged
+    (decided with tensor ops).
     """
-    m = X.shape[0]
     Xa = X.to(A.dtype)
-    C = Xa.T @ Xa
-    S = torch.triu(C) + torch.triu(C, 1).T
     b = _scalar(beta, A)
-    new = b * A + ((1 - b) / m) * S
+    alpha = (1 - b) / X.shape[0] if normalize else 1 - b
+    new = torch.mm(Xa.T, Xa).mul_(alpha).addcmul_(A, b)
+    new = torch.add(new, new.T).mul_(0.5)
     ok = torch.isfinite(X).all() & torch.isfinite(b) & (b >= 0) & (b <= 1)
-    A.copy_(torch.where(ok, new, A))
+    torch.where(ok, new, A, out=A)
     return A
 
 
 def kron_factor_update_foreach_(
-    As: Sequence[Tensor], Xs: Sequence[Tensor], beta: float | Tensor
+    As: Sequence[Tensor], Xs: Sequence[Tensor], beta: float | Tensor, *, normalize: bool = True
 ) -> list[Tensor]:
-    r""":func:`kron_factor_update_` applied to each pair ``(As[i], Xs[i])`` with a shared ``beta``.
+    r""":func:`kron_factor_update_` applied to each pair ``(As[i], Xs[i])`` with a shared ``beta`` and
+    ``normalize``.
 
     The guard is per layer: a non-finite ``Xs[i]`` leaves only ``As[i]`` unchanged.
     """
-    return [kron_factor_update_(A, X, beta) for A, X in zip(As, Xs)]
+    return [kron_factor_update_(A, X, beta, normalize=normalize) for A, X in zip(As, Xs)]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -52,6 +52,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._compat import patch_interpreter
+
+patch_interpreter()
+
 __all__ = ["damped_bfgs_update"]
 
 

@@ -43,6 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._compat import patch_interpreter
+
+patch_interpreter()
+
 __all__ = ["complex_matmul"]
 
 
@@ -51,15 +55,22 @@ def _interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Launch configuration. TUNING TABLE (issue 7): untuned first guesses for H100, one config per dtype.
-# Two fp32 accumulators of BM x BN plus up to four operand tiles per pipeline stage must fit the register
-# file and shared memory (fp32, 128x128x32, 3 stages: 4 tiles x 16 KiB x 3 = 192 KiB of 227 KiB).
+# Launch configuration, per (dtype, input precision). Not yet timed on a GPU. Compiled ahead of time for
+# sm_90 (tools/aot_compile.py, results in bench/results/): the float32 "ieee" path (the default: TF32 is off
+# unless torch.backends.cuda.matmul.allow_tf32) lowers tl.dot to FMAs, and at 128x128x32 / 8 warps its two
+# fp32 accumulators need more than the 255 registers a thread has (34-40 KB of spills on triton 3.6 and
+# 3.9); at 64x64x16 / 4 warps the forward has none but the backward's four-product variants sit at 255
+# registers and spill up to 400 bytes (with 2 stages too); 64x64x16 / 8 warps uses 103-184 registers and
+# spills in no variant (64x64x32 / 8 warps and 32x64x32 / 4 warps spill). TF32 lowers to wgmma, which keeps
+# the accumulators in registers a warpgroup shares: 128x128x32 / 8 warps there (4 tiles x 16 KiB x 3 stages = 192 KiB of
+# shared memory of 227 KiB). float64 lowers to mma.sync.
 # In the interpreter the cost is (#programs x K-steps) Python dispatches plus the numpy work of each (padded)
 # tile, so blocks there are large but capped, and shrunk to the problem for tiny shapes.
 # ---------------------------------------------------------------------------------------------------------
-_CONFIGS: dict[torch.dtype, dict[str, int]] = {
-    torch.float32: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-    torch.float64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3),
+_CONFIGS: dict[tuple[torch.dtype, str], dict[str, int]] = {
+    (torch.float32, "tf32"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    (torch.float32, "ieee"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
+    (torch.float64, "ieee"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3),
 }
 _INTERPRETER_MAX_BLOCK = 64  # measured best on CPU between 16 and 128 (numpy work vs dispatch count)
 _INT32_LIMIT = 2**31 - 1  # element offsets at or past this switch the kernel to int64 index arithmetic
@@ -68,10 +79,11 @@ _INT32_LIMIT = 2**31 - 1  # element offsets at or past this switch the kernel to
 @triton.jit
 def _signed_dot(x, y, acc, SIGN: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + SIGN * (x @ y)`` for SIGN in {-1, 1}: the sign goes on the operand (exact), so the product
-    still accumulates inside the dot."""
+    still accumulates inside the dot. ``out_dtype`` is the accumulator's: Triton 3.6 defaults it to float32
+    and rejects a float64 accumulator otherwise."""
     if SIGN < 0:
         x = -x
-    return tl.dot(x, y, acc, input_precision=PRECISION)
+    return tl.dot(x, y, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -201,7 +213,7 @@ def complex_matmul(
         raise ValueError(f"coef must be four integers in {{-1, 0, 1}}, got {coef}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"need a (M, K) and b (K, N), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype not in _CONFIGS:
+    if a.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"a must be float32 or float64, got {a.dtype}")
     planes = {"a_im": (a_im, a.shape), "b": (b, b.shape), "b_im": (b_im, b.shape)}
     planes |= {"bias": (bias, (b.shape[1],)), "bias_im": (bias_im, (b.shape[1],))}
@@ -231,16 +243,16 @@ def complex_matmul(
     bi = b if b_im is None else b_im
 
     interp = _interpreting()
+    if a.dtype == torch.float64:
+        acc_dtype, precision = tl.float64, "ieee"
+    else:
+        tf32 = not interp and torch.backends.cuda.matmul.allow_tf32  # not interpreting: on CUDA
+        acc_dtype, precision = tl.float32, ("tf32" if tf32 else "ieee")
     if interp:  # few, large programs; but no larger than the problem (tiny shapes stay cheap)
         blk = lambda n: min(max(triton.next_power_of_2(n), 16), _INTERPRETER_MAX_BLOCK)  # noqa: E731
         cfg = dict(BLOCK_M=blk(M), BLOCK_N=blk(N), BLOCK_K=blk(K), GROUP_M=8, num_warps=4, num_stages=1)
     else:
-        cfg = dict(_CONFIGS[a.dtype])
-    if a.dtype == torch.float64:
-        acc_dtype, precision = tl.float64, "ieee"
-    else:
-        tf32 = not interp and a.is_cuda and torch.backends.cuda.matmul.allow_tf32
-        acc_dtype, precision = tl.float32, ("tf32" if tf32 else "ieee")
+        cfg = dict(_CONFIGS[(a.dtype, precision)])
     pad = max(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
     big = max(_max_offset(t, pad) for t in (a, ai, b, bi, c, bias, bias_im) if t is not None)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")

@@ -3,7 +3,8 @@ r"""Grouped symmetric rank-k (SYRK) update of Kronecker factors with the EMA fus
 For every layer :math:`i` with factor :math:`A_i \in \mathbb{R}^{d_i\times d_i}` and batch
 :math:`X_i \in \mathbb{R}^{m_i\times d_i}`, in place and only where ``oks[i]`` is True:
 
-.. math:: A_i \leftarrow \beta A_i + \frac{1-\beta}{m_i} X_i^\top X_i .
+.. math:: A_i \leftarrow \beta A_i + \frac{1-\beta}{m_i} X_i^\top X_i
+          \quad\text{or, with } \texttt{normalize=False},\quad A_i \leftarrow \beta A_i + (1-\beta) X_i^\top X_i .
 
 One launch serves all layers. The host builds a *tile table* of ``(layer, ti, tj)`` triples with
 ``ti <= tj`` (the tiles on and above the block diagonal of every factor; cached per shapes and device)
@@ -27,13 +28,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._compat import patch_interpreter
+
+patch_interpreter()
+
 __all__ = ["kron_factor_update"]
 
 
 @triton.jit
 def _kron_factor_kernel(
     tiles_ptr,  # int32 (T, 3): (layer, ti, tj) with ti <= tj, one row per program
-    dims_ptr,  # int32 (L, 2): (d, m) per layer
+    dims_ptr,  # int32 (L, 3): (d, m, divisor) per layer; divisor = m (normalised) or 1
     ptrs_ptr,  # int64 (2L,): data pointers of A_0..A_{L-1}, then of X_0..X_{L-1}
     oks_ptr,  # bool (L,): apply the update to layer i only when oks[i]
     beta_ptr,  # 0-d tensor of A's dtype (also carries A's dtype)
@@ -50,7 +55,8 @@ def _kron_factor_kernel(
 
     .. math::
         S_{RC} = \sum_{k_0 = 0, B_K, \dots}^{m-1} X_{k_0:k_0+B_K,\,R}^\top\, X_{k_0:k_0+B_K,\,C},
-        \qquad N = \beta A_{RC} + \frac{1-\beta}{m} S_{RC},
+        \qquad N = \beta A_{RC} + s\, S_{RC},
+        \qquad s = \frac{1-\beta}{\mathrm{divisor}},\ \mathrm{divisor} \in \{m, 1\},
 
     accumulated in A's dtype (fp32 for bf16/fp16/fp32 X, fp64 for fp64 X). Then, in global indices,
     :math:`A_{rc} \leftarrow N_{rc}` for :math:`r \le c` and :math:`A_{cr} \leftarrow N_{rc}` for
@@ -64,8 +70,8 @@ def _kron_factor_kernel(
     layer = tl.load(tiles_ptr + pid * 3)
     ti = tl.load(tiles_ptr + pid * 3 + 1)
     tj = tl.load(tiles_ptr + pid * 3 + 2)
-    d = tl.load(dims_ptr + layer * 2)
-    m = tl.load(dims_ptr + layer * 2 + 1)
+    d = tl.load(dims_ptr + layer * 3)
+    m = tl.load(dims_ptr + layer * 3 + 1)
     ok = tl.load(oks_ptr + layer) != 0
 
     acc_ty = beta_ptr.dtype.element_ty  # A's dtype: float32 or float64
@@ -95,7 +101,9 @@ def _kron_factor_kernel(
         acc = tl.dot(tl.trans(xr), xc, acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
 
     beta = tl.where(ok, tl.load(beta_ptr), 0.0)  # a skipped layer may have a non-finite beta: keep it quiet
-    scale = (1.0 - beta) / m.to(acc_ty)
+    # a run-time divisor, not a constexpr flag: compiled for sm_90, float32 "ieee" without the division
+    # spilled (its epilogue scheduled differently) while this form has no spills on triton 3.6 and 3.9
+    scale = (1.0 - beta) / tl.load(dims_ptr + layer * 3 + 2).to(acc_ty)
     mask = rmask[:, None] & cmask[None, :]
     up = a_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :]  # element (r, c): A[r, c]
     new = beta * tl.load(up, mask=mask, other=0.0) + scale * acc
@@ -107,20 +115,21 @@ def _kron_factor_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Launch configurations. UNTUNED starting points for an H100: no GPU was available when this was written;
-# issue 7 tunes them (and may add split-K for few-tile layers with long batches). What is known, from
-# compiling for sm_90a without a GPU (triton 3.9, ptxas -v): fp32 with TF32 and bf16/fp16 X lower
-# tl.dot to wgmma, fp64 to mma.sync, fp32 "ieee" to FMAs; BLOCK 128 / 8 warps uses 255 registers and
-# spills 230-340 bytes (the epilogue: A tile + accumulator + 64-bit addresses live together); BLOCK 64 /
-# 4 warps uses ~195-245 registers with no spills.
-# The largest BLOCK that still gives at least one tile per SM is used, else the smallest.
-# Under the CPU interpreter the cost grows with (#programs x loop iterations), so blocks are large there.
+# Launch configurations. Not yet timed on a GPU. Compiled ahead of time for sm_90 (tools/aot_compile.py,
+# results in bench/results/): fp32 with TF32 and bf16/fp16 X lower tl.dot to wgmma, fp64 to mma.sync, fp32
+# "ieee" to FMAs; BLOCK 128 / 8 warps uses 255 registers and spills (232-336 bytes on triton 3.9, 448-696
+# on 3.6: the epilogue keeps the A tile, the accumulator and 64-bit addresses live together), so float32
+# uses BLOCK 64 / 4 warps only (no spills on either version). float64 keeps 64 (no spills) and 32 for
+# layers too small to give every SM a tile: the largest BLOCK that still gives at least one tile per SM is
+# used, else the smallest.
+# Under the CPU interpreter the cost grows with (#programs x loop iterations), so blocks are large there
+# (same kernel, other constexprs).
 # --------------------------------------------------------------------------------------------------------
 _LOW = (torch.bfloat16, torch.float16)
-_LOW_CFG = {128: (64, 8, 3), 64: (64, 4, 3)}
+_LOW_CFG = {64: (64, 4, 3)}
 # (A dtype, X dtype) -> {BLOCK: (BLOCK_K, num_warps, num_stages)}, largest BLOCK first
 _GPU_CONFIGS: dict[tuple[torch.dtype, torch.dtype], dict[int, tuple[int, int, int]]] = {
-    (torch.float32, torch.float32): {128: (32, 8, 3), 64: (32, 4, 3)},
+    (torch.float32, torch.float32): {64: (32, 4, 3)},
     (torch.float32, torch.bfloat16): _LOW_CFG,
     (torch.float32, torch.float16): _LOW_CFG,
     (torch.float64, torch.float64): {64: (32, 4, 2), 32: (32, 4, 3)},
@@ -138,11 +147,18 @@ def _n_tiles(dims: tuple[tuple[int, int], ...], block: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _plan(
-    dims: tuple[tuple[int, int], ...], device: torch.device, a_dtype: torch.dtype, x_dtype: torch.dtype, interpret: bool
+    dims: tuple[tuple[int, int], ...],
+    device: torch.device,
+    a_dtype: torch.dtype,
+    x_dtype: torch.dtype,
+    interpret: bool,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor, tuple[int, int, int, int]]:
-    """Cached per shapes and device: the tile table, the ``(d, m)`` table and the launch configuration.
+    """Cached per shapes, device and ``normalize``: the tile table, the ``(d, m, divisor)`` table and the
+    launch configuration.
 
-    ``tiles`` is int32 ``(T, 3)`` with rows ``(layer, ti, tj)``, ``ti <= tj``; ``dm`` is int32 ``(L, 2)``.
+    ``tiles`` is int32 ``(T, 3)`` with rows ``(layer, ti, tj)``, ``ti <= tj``; ``dm`` is int32 ``(L, 3)``
+    with the divisor ``m`` (``normalize``) or 1.
     """
     if interpret:
         cfg = _INTERPRET_CONFIG
@@ -157,7 +173,7 @@ def _plan(
         nt = triton.cdiv(d, block)
         tiles.extend((layer, ti, tj) for ti in range(nt) for tj in range(ti, nt))
     t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(device)
-    dm = torch.tensor(dims, dtype=torch.int32).reshape(-1, 2).to(device)
+    dm = torch.tensor([(d, m, m if normalize else 1) for d, m in dims], dtype=torch.int32).reshape(-1, 3).to(device)
     return t, dm, cfg
 
 
@@ -167,10 +183,14 @@ def _pointer_table(ptrs: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor(ptrs, dtype=torch.int64).to(device)
 
 
-def kron_factor_update(As: list[Tensor], Xs: list[Tensor], beta: Tensor, oks: Tensor) -> None:
+def kron_factor_update(
+    As: list[Tensor], Xs: list[Tensor], beta: Tensor, oks: Tensor, normalize: bool = True
+) -> None:
     r"""In place, for each layer ``i`` with ``oks[i]`` True:
 
-    .. math:: A_i \leftarrow \beta A_i + \frac{1-\beta}{m_i} X_i^\top X_i .
+    .. math:: A_i \leftarrow \beta A_i + \frac{1-\beta}{m_i} X_i^\top X_i
+
+    (:math:`(1-\beta) X_i^\top X_i` without the :math:`1/m_i` when ``normalize`` is False).
 
     ``As[i]`` is a contiguous symmetric ``(d_i, d_i)`` float32/float64 matrix (all of one dtype and device);
     ``Xs[i]`` is a contiguous ``(m_i, d_i)`` batch, ``m_i >= 1``, all of one dtype: ``As``' dtype, or
@@ -203,7 +223,7 @@ def kron_factor_update(As: list[Tensor], Xs: list[Tensor], beta: Tensor, oks: Te
     if interpret and dev.type != "cpu":
         # The interpreter dereferences the pointer table on the host: run on host copies, copy back.
         host = [A.cpu() for A in As]
-        kron_factor_update(host, [X.cpu() for X in Xs], beta.cpu(), oks.cpu())
+        kron_factor_update(host, [X.cpu() for X in Xs], beta.cpu(), oks.cpu(), normalize)
         for A, h in zip(As, host):
             A.copy_(h)
         return
@@ -211,7 +231,7 @@ def kron_factor_update(As: list[Tensor], Xs: list[Tensor], beta: Tensor, oks: Te
     beta = beta.to(device=dev, dtype=A0.dtype)
     oks = oks.to(dev)
     dims = tuple((A.shape[0], X.shape[0]) for A, X in zip(As, Xs))
-    tiles, dm, (block, block_k, num_warps, num_stages) = _plan(dims, dev, A0.dtype, X0.dtype, interpret)
+    tiles, dm, (block, block_k, num_warps, num_stages) = _plan(dims, dev, A0.dtype, X0.dtype, interpret, bool(normalize))
     ptrs = _pointer_table(tuple(A.data_ptr() for A in As) + tuple(X.data_ptr() for X in Xs), dev)
 
     low = X0.dtype in _LOW

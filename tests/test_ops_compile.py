@@ -62,3 +62,29 @@ def test_explain_reports_no_breaks():
     ex = torch._dynamo.explain(_step)(**_inputs())
     assert ex.graph_break_count == 0
     assert ex.graph_count == 1
+
+
+def test_unnormalized_factor_update_compiles_without_breaks(backend):
+    """``normalize=False`` is a bool in the op's schema: it traces into one graph and matches eager."""
+
+    def f(As, Xs, beta):
+        ops.kron_factor_update_foreach_(As, Xs, beta, normalize=False)
+        return ops.kron_factor_update_(As[0], Xs[0], beta, normalize=False)
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(1)
+    Xs = [torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)]
+    eager = [torch.eye(5, dtype=torch.float64), torch.eye(4, dtype=torch.float64)]
+    comp = [A.clone() for A in eager]
+    beta = torch.tensor(0.9, dtype=torch.float64)
+    f(eager, Xs, beta)
+    torch.compile(f, fullgraph=True, backend="aot_eager")(comp, Xs, beta)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    want = torch.eye(5, dtype=torch.float64)
+    for _ in range(2):  # twice on layer 0: the foreach call, then the single call
+        want = 0.9 * want + 0.1 * Xs[0].T @ Xs[0]
+    torch.testing.assert_close(eager[0], want, rtol=1e-12, atol=1e-12)
