@@ -21,8 +21,9 @@ and a direction :math:`v` (one tensor per trainable parameter):
 
 Every function leaves the model exactly as it found it: parameters (swapped only inside
 ``torch.func.functional_call``), their ``.grad`` (only ``torch.autograd.grad`` is used, never
-``.backward()``), all buffers (BatchNorm running statistics and ``num_batches_tracked`` are snapshotted and
-copied back — the forward of a train-mode BatchNorm advances them) and the global RNG state (CPU and the
+``.backward()``), all buffers (the forwards run on copies of them, so a train-mode BatchNorm advances the
+copies' running statistics and ``num_batches_tracked``; the model's own buffer tensors are never written,
+so graphs that saved them stay differentiable) and the global RNG state (CPU and the
 parameters' CUDA devices are forked, so a train-mode dropout mask drawn here is the one the *next* forward
 will draw, and a training run is bit-identical with or without curvature products). Pass
 ``preserve_state=False`` to skip this (e.g. inside ``torch.compile``, where it is skipped automatically).
@@ -178,22 +179,43 @@ def _set_rng(state: tuple[Tensor, list[Tensor]], devices: Sequence[int]) -> None
 
 @contextlib.contextmanager
 def _preserved(model: nn.Module, params: Sequence[Tensor], enabled: bool) -> Iterator[None]:
-    """Snapshot every buffer and fork the RNG (CPU + the parameters' CUDA devices); restore on exit."""
+    """Run with every buffer swapped for a copy and the RNG forked (CPU + the parameters' CUDA devices).
+
+    The forwards inside see (and a train-mode BatchNorm advances) the copies; on exit the model's own buffer
+    tensors are put back, never written. Copying the saved values back into them instead would bump their
+    version counters, and autograd then refuses any graph that saved them (an eval-mode BatchNorm's running
+    statistics, the ``position_ids`` a transformer indexes with): the caller's own loss graph, or the graph a
+    curvature operator builds here and differentiates after the block. Inside ``torch.compile`` (which
+    cannot trace the swap) the values are copied back as before."""
     if not enabled:
         with torch.enable_grad():
             yield
         return
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
     devices = _cuda_devices(params)
-    # torch.compile cannot trace fork_rng: compiled callers get the buffers restored but not the RNG
-    rng = contextlib.nullcontext() if torch.compiler.is_compiling() else torch.random.fork_rng(devices=devices)
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace fork_rng: compiled callers get the buffers restored but not the RNG
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            with torch.no_grad():
+                for b, s in saved:
+                    b.copy_(s)
+        return
+    owners = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    copies: dict[int, Tensor] = {}
+    for _, _, b in owners:
+        if id(b) not in copies:  # a buffer shared by two modules stays shared
+            copies[id(b)] = b.detach().clone()
     try:
-        with rng, torch.enable_grad():
+        for m, n, b in owners:
+            m._buffers[n] = copies[id(b)]
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
             yield
     finally:
-        with torch.no_grad():
-            for b, s in saved:
-                b.copy_(s)
+        for m, n, b in owners:
+            m._buffers[n] = b
 
 
 # --------------------------------------------------------------------------------------------------------
