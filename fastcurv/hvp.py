@@ -28,6 +28,10 @@ parameters' CUDA devices are forked, so a train-mode dropout mask drawn here is 
 will draw, and a training run is bit-identical with or without curvature products). Pass
 ``preserve_state=False`` to skip this (e.g. inside ``torch.compile``, where it is skipped automatically).
 
+Scaled dot-product attention runs on its math backend inside every product (the fused flash and
+memory-efficient kernels have no double backward or forward-mode rule), so transformers need no
+``sdpa_kernel`` context from the caller.
+
 Forward and losses run in train or eval mode as the model is set; all methods see the same function
 (train-mode BatchNorm uses batch statistics, so its Hessian couples the samples of the batch).
 
@@ -177,6 +181,17 @@ def _set_rng(state: tuple[Tensor, list[Tensor]], devices: Sequence[int]) -> None
         torch.cuda.set_rng_state(st, d)
 
 
+def _attention_math() -> contextlib.AbstractContextManager[None]:
+    """Scaled dot-product attention on the composite (math) backend: the fused CPU/GPU kernels (flash,
+    memory-efficient, cuDNN) have no double backward and no forward-mode rule, which every curvature
+    product here needs; the math backend is built from differentiable ops."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 @contextlib.contextmanager
 def _preserved(model: nn.Module, params: Sequence[Tensor], enabled: bool) -> Iterator[None]:
     """Run with every buffer swapped for a copy and the RNG forked (CPU + the parameters' CUDA devices).
@@ -186,9 +201,10 @@ def _preserved(model: nn.Module, params: Sequence[Tensor], enabled: bool) -> Ite
     version counters, and autograd then refuses any graph that saved them (an eval-mode BatchNorm's running
     statistics, the ``position_ids`` a transformer indexes with): the caller's own loss graph, or the graph a
     curvature operator builds here and differentiates after the block. Inside ``torch.compile`` (which
-    cannot trace the swap) the values are copied back as before."""
+    cannot trace the swap) the values are copied back as before. Attention runs on the math backend
+    (:func:`_attention_math`)."""
     if not enabled:
-        with torch.enable_grad():
+        with torch.enable_grad(), _attention_math():
             yield
         return
     devices = _cuda_devices(params)
@@ -211,7 +227,7 @@ def _preserved(model: nn.Module, params: Sequence[Tensor], enabled: bool) -> Ite
     try:
         for m, n, b in owners:
             m._buffers[n] = copies[id(b)]
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _attention_math():
             yield
     finally:
         for m, n, b in owners:

@@ -21,7 +21,7 @@ OPTIMIZERS = {
 
 class _BertLike(nn.Module):
     """Token + position + segment embeddings (positions and segments are buffers, as in BERT), LayerNorm,
-    a feed-forward block, mean pooling, a linear head."""
+    one post-norm encoder layer, mean pooling, a linear head."""
 
     def __init__(self, vocab: int = 11, length: int = 6, d: int = 8) -> None:
         super().__init__()
@@ -29,7 +29,7 @@ class _BertLike(nn.Module):
         self.register_buffer("position_ids", torch.arange(length).expand(1, -1), persistent=False)
         self.register_buffer("token_type_ids", torch.zeros(1, length, dtype=torch.long), persistent=False)
         self.norm = nn.LayerNorm(d)
-        self.enc = nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d))
+        self.enc = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
         self.head = nn.Linear(d, 3)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,7 @@ def _batchnorm_mlp() -> nn.Module:
 MODELS = {
     "batchnorm": (_batchnorm_mlp, lambda: torch.randn(16, 4)),
     "bert-like": (_BertLike, lambda: torch.randint(0, 11, (6, 6))),
+    "transformer-encoder": (_Encoder, lambda: torch.randn(6, 4, 8)),
 }
 
 
