@@ -16,8 +16,8 @@ and a direction :math:`v` (one tensor per trainable parameter):
 * ``method="ggn"``: the generalized Gauss–Newton product :math:`Gv = J^\top H_\ell J v` with
   :math:`J = \partial f/\partial\theta` and :math:`H_\ell = \partial^2\ell/\partial f^2`: a JVP
   (:math:`Jv`, the imaginary plane of the complex-step forward, or ``torch.autograd.forward_ad``), the
-  loss Hessian (analytic for cross-entropy/softmax, BCE-with-logits and MSE, else by autograd), and one
-  VJP. Positive semi-definite whenever :math:`\ell` is convex in :math:`f`.
+  loss Hessian (:func:`fastcurv.losses.hessian_vp`: analytic for cross-entropy/softmax, BCE-with-logits and
+  MSE, by autograd for any other loss), and one VJP. Positive semi-definite whenever :math:`\ell` is convex in :math:`f`.
 
 Every function leaves the model exactly as it found it: parameters (swapped only inside
 ``torch.func.functional_call``), their ``.grad`` (only ``torch.autograd.grad`` is used, never
@@ -50,10 +50,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcurv import complex_step as cs
+from fastcurv import losses as _losses
 
 __all__ = [
     "METHODS",
@@ -597,74 +597,6 @@ def _ggn_shared(
 # --------------------------------------------------------------------------------------------------------
 # loss Hessian with respect to the model output
 # --------------------------------------------------------------------------------------------------------
-def _reduction_of(loss_fn: Any, default: str = "mean") -> str | None:
-    return getattr(loss_fn, "reduction", default)
-
-
-def _analytic(loss_fn: Any, o: Tensor, t: Any) -> Callable[[Tensor], Tensor] | None:
-    """An analytic :math:`u \\mapsto H_\\ell u` for the recognised losses with supported options, else None."""
-    if not isinstance(t, Tensor) or isinstance(t, cs.Planes):
-        return None
-    if loss_fn is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss:
-        mod = loss_fn if isinstance(loss_fn, nn.Module) else None
-        if mod is not None and (mod.weight is not None or mod.label_smoothing != 0.0 or mod.reduction == "none"):
-            return None
-        if t.is_floating_point() or o.dim() == 0:
-            return None
-        ignore = mod.ignore_index if mod is not None else -100
-        red = mod.reduction if mod is not None else "mean"
-        cdim = 1 if o.dim() >= 2 else 0
-
-        def ce(u: Tensor) -> Tensor:  # per sample: (diag(p) - p p^T) u
-            p = torch.softmax(o, cdim)
-            hu = p * (u - (p * u).sum(cdim, keepdim=True))
-            keep = (t != ignore).unsqueeze(cdim)
-            hu = torch.where(keep, hu, 0.0)
-            return hu / keep.sum() if red == "mean" else hu
-
-        return ce
-    if loss_fn is F.binary_cross_entropy_with_logits or type(loss_fn) is nn.BCEWithLogitsLoss:
-        mod = loss_fn if isinstance(loss_fn, nn.Module) else None
-        w = None if mod is None else mod.weight
-        if mod is not None and (mod.pos_weight is not None or mod.reduction == "none"):
-            return None
-        if t.shape != o.shape or (w is not None and torch.broadcast_shapes(w.shape, o.shape) != o.shape):
-            return None
-        red = "mean" if mod is None else mod.reduction
-
-        def bce(u: Tensor) -> Tensor:  # diag(σ(1-σ)·w)
-            s = torch.sigmoid(o)
-            hu = s * (1 - s) * u
-            if w is not None:
-                hu = hu * w
-            return hu / o.numel() if red == "mean" else hu
-
-        return bce
-    if loss_fn is F.mse_loss or type(loss_fn) is nn.MSELoss:
-        red = _reduction_of(loss_fn)
-        if red == "none" or not isinstance(t, Tensor) or t.shape != o.shape:
-            return None
-        return lambda u: (2.0 / o.numel()) * u if red == "mean" else 2.0 * u
-    return None
-
-
-def loss_hessian_vp(loss_fn: LossFn, output: Tensor, target: Any, u: Tensor) -> Tensor:
-    r""":math:`H_\ell u` with :math:`H_\ell = \partial^2 \ell(f, y)/\partial f^2` at ``f = output``.
-
-    Analytic for ``F.cross_entropy``/``nn.CrossEntropyLoss`` (class-index targets, ``ignore_index``, mean or
-    sum; per sample :math:`\mathrm{diag}(p) - pp^\top` with :math:`p = \mathrm{softmax}(f)`),
-    ``F.binary_cross_entropy_with_logits``/``nn.BCEWithLogitsLoss`` (:math:`\mathrm{diag}(\sigma(1-\sigma)w)`)
-    and ``F.mse_loss``/``nn.MSELoss`` (:math:`2I`), divided by the mean's count. Any other loss (or option)
-    goes through autograd: :math:`\nabla_f(\nabla_f \ell \cdot u)` (double backward on the small loss graph).
-    """
-    rule = _analytic(loss_fn, output, target)
-    if rule is not None:
-        return rule(u)
-    with torch.enable_grad():
-        f = output.detach().requires_grad_(True)
-        loss = loss_fn(f, target)
-        (g,) = torch.autograd.grad(loss, f, create_graph=True)
-        if not g.requires_grad:  # the loss is linear in f
-            return torch.zeros_like(u)
-        (hu,) = torch.autograd.grad(g, f, grad_outputs=u, allow_unused=True)
-    return torch.zeros_like(u) if hu is None else hu.detach()
+#: :math:`H_\ell u` (:func:`fastcurv.losses.hessian_vp`: analytic for the recognised torch losses, autograd
+#: for any other)
+loss_hessian_vp = _losses.hessian_vp

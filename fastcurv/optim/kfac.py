@@ -103,16 +103,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcurv import losses as _losses
 from fastcurv.capture import Capture, LayerStats
 from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
 
 __all__ = ["KFAC"]
 
 _FISHERS = ("empirical", "sampled")
-_LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+_LIKELIHOODS = _losses.LIKELIHOODS
 _SPLITS = ("sqrt", "pi", "exact")
 _INVERSES = ("cholesky", "eigh")
 _JITTERS = (1.0, 1e3, 1e6)  # multiples of s·sqrt(eps) tried after a failed Cholesky
@@ -441,20 +441,7 @@ class KFAC(CurvatureOptimizer):
             raise TypeError(
                 "fisher='sampled': the closure's output must be the model output, a tensor with a batch dim"
             )
-        z, n = output, output.shape[0]
-        zd = z.detach()
-        if lik == "categorical":
-            if z.dim() < 2:
-                raise ValueError(f"likelihood='categorical' needs logits (N, C, ...), got shape {tuple(z.shape)}")
-            c = z.shape[1]
-            probs = torch.softmax(zd if zd.dtype == torch.float64 else zd.float(), dim=1).movedim(1, -1).reshape(-1, c)
-            t = torch.multinomial(probs, 1, generator=self._gen).reshape(zd.movedim(1, -1).shape[:-1])
-            return F.cross_entropy(z, t, reduction="sum") / n
-        if lik == "bernoulli":
-            t = torch.bernoulli(torch.sigmoid(zd), generator=self._gen)
-            return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / n
-        t = zd + torch.randn(zd.shape, generator=self._gen, dtype=zd.dtype, device=zd.device)
-        return 0.5 * (z - t).pow(2).sum() / n
+        return _losses.nll(lik, output, _losses.sample_targets(lik, output, self._gen))
 
     def _forward_backward(self, closure: Closure) -> Tensor:
         """Zero grads and statistics, run the closure, backpropagate the loss (and, for the sampled Fisher,
