@@ -217,9 +217,15 @@ def nll(likelihood: str, output: Tensor, target: Tensor) -> Tensor:
 
 def sample_targets(likelihood: str, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
     r"""Targets :math:`\tilde t_n \sim p(\cdot\mid f_n)` from the model's predictive distribution (detached).
+
+    Non-finite entries of ``output`` are sampled as if they were 0, so the draw never fails (a NaN logit
+    makes ``torch.bernoulli``/``multinomial`` raise); the output itself stays non-finite, so the sampled loss
+    :func:`nll` and everything computed from it are non-finite too and the caller's finiteness check skips
+    the step. No host synchronisation.
     """
     lik = _check_likelihood(likelihood)
     z = output.detach()
+    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
     if lik == "categorical":
         if z.dim() < 2:
             raise ValueError(f"likelihood='categorical' needs logits (N, C, ...), got shape {tuple(z.shape)}")

@@ -82,3 +82,14 @@ def test_nll_conventions() -> None:
     torch.testing.assert_close(losses.nll("categorical", z, c), F.cross_entropy(z, c), rtol=1e-15, atol=0)
     with pytest.raises(ValueError, match="likelihood"):
         losses.nll("poisson", z, t)
+
+
+@pytest.mark.parametrize("likelihood", losses.LIKELIHOODS)
+def test_sampling_from_a_non_finite_output_does_not_raise_and_stays_non_finite(likelihood: str) -> None:
+    z = torch.randn(4, 3, dtype=D)
+    z[1, 2] = float("nan")
+    z[2, 0] = float("inf")
+    g = torch.Generator().manual_seed(0)
+    t = losses.sample_targets(likelihood, z, g)
+    assert torch.isfinite(t.double()).all()
+    assert not torch.isfinite(losses.nll(likelihood, z, t))

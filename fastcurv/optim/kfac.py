@@ -441,6 +441,8 @@ class KFAC(CurvatureOptimizer):
             raise TypeError(
                 "fisher='sampled': the closure's output must be the model output, a tensor with a batch dim"
             )
+        # a non-finite output is sampled as if it were 0 (torch.bernoulli/multinomial would raise); the sampled
+        # loss and G stay non-finite, so the step is skipped like any other non-finite statistic
         return _losses.nll(lik, output, _losses.sample_targets(lik, output, self._gen))
 
     def _forward_backward(self, closure: Closure) -> Tensor:

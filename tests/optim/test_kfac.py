@@ -737,3 +737,29 @@ def test_compiled_model_gives_the_same_steps():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
     for a, b in zip(_state_tensors(o1).values(), _state_tensors(o2).values()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_sampled_fisher_skips_a_step_whose_output_is_not_finite(likelihood):
+    """A diverged model (NaN logits) under the sampled Fisher: the targets are not drawn from NaN
+    probabilities (torch.bernoulli/multinomial raised), the step is skipped with the state unchanged."""
+    model = _small()
+    opt = KFAC(model, lr=0.5, damping=0.1, fisher="sampled", likelihood=likelihood, seed=2)
+    x, y = _data(16, d_out=3)
+
+    def closure(inputs):
+        def run():
+            out = model(inputs)
+            return _bce(out, y), out
+
+        return run
+
+    opt.step(closure(x))
+    snap, counters = _snapshot(model, opt), opt.counters()
+    xb = x.clone()
+    xb[3, 1] = float("nan")
+    opt.step(closure(xb))
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == counters["skipped_steps"] + 1 and opt.steps == counters["steps"]
+    opt.step(closure(x))
+    assert opt.steps == counters["steps"] + 1
