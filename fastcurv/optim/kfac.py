@@ -32,7 +32,7 @@ Damping (``damping`` :math:`\lambda`, Tikhonov, split between the two factors):
 Inverses: ``inverse="cholesky"`` (default) factors :math:`F + \delta I` with ``torch.linalg.cholesky_ex`` and
 inverts with ``cholesky_inverse``; ``"eigh"`` keeps :math:`F = Q\,\mathrm{diag}(e)\,Q^\top` (eigenvalues clamped
 at 0) and the elementwise scaling :math:`1/((e_G+\delta_G)(e_A+\delta_A)^\top)`. A factorisation that fails
-(singular or indefinite :math:`F + \delta I`, e.g. ``damping=0``) is retried with jitter
+(singular or indefinite :math:`F + \delta I`, e.g. a damping of 0 written into ``param_groups``) is retried with jitter
 :math:`\delta + s\sqrt{\varepsilon}\cdot\{1, 10^3, 10^6\}` (:math:`s` = mean :math:`|F_{ii}|`), then replaced by
 the PSD projection :math:`Q\,\mathrm{diag}(1/(\max(e, 0) + \delta'))\,Q^\top`; if even that fails the previous
 inverse is kept. Each case is counted (:meth:`KFAC.counters`: ``jitter_fallbacks``, ``psd_fallbacks``,
@@ -107,7 +107,7 @@ from torch import Tensor, nn
 
 from fastcurv import losses as _losses
 from fastcurv.capture import Capture, LayerStats
-from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
+from fastcurv.optim._base import Closure, CurvatureOptimizer, Open, maybe_compile
 
 __all__ = ["KFAC"]
 
@@ -237,10 +237,10 @@ class KFAC(CurvatureOptimizer):
     Args:
         model: the model (its Linear/Conv2d layers are captured by class swap, see :mod:`fastcurv.capture`).
         lr: step size :math:`\eta` (default 1, the K-BFGS Demo's tuned KFAC value).
-        damping: Tikhonov :math:`\lambda \ge 0` (default 3, Demo); split by ``damping_split``.
+        damping: Tikhonov :math:`\lambda > 0` (default 3, Demo); split by ``damping_split``.
         momentum: :math:`\rho \in [0, 1)` of the EMA-form momentum (default 0.9).
         weight_decay: L2 coefficient :math:`\tau` added to the gradient (default 1e-5, the code's).
-        stat_decay: factor EMA :math:`\beta \in [0, 1]` (default 0.9, the code's ``kfac_rho``).
+        stat_decay: factor EMA :math:`\beta \in [0, 1)` (default 0.9, the code's ``kfac_rho``).
         inv_every: inverse period :math:`T \ge 1` (default 20); inverses are refreshed at step k when
             ``k % T == 0 or k <= T``.
         fisher: ``"empirical"`` (default) or ``"sampled"`` (needs ``likelihood`` and a closure returning
@@ -260,11 +260,11 @@ class KFAC(CurvatureOptimizer):
 
     hyperparameters = {
         "lr": (0.0, None),
-        "damping": (0.0, None),
-        "momentum": (0.0, 1.0),
+        "damping": (Open(0.0), None),  # 0: singular factors, unbounded steps
+        "momentum": (0.0, Open(1.0)),  # 1: the momentum never leaves 0
         "weight_decay": (0.0, None),
-        "stat_decay": (0.0, 1.0),
-        "kl_clip": (0.0, None),
+        "stat_decay": (0.0, Open(1.0)),  # 1: the factors never see the data
+        "kl_clip": (Open(0.0), None),
     }
     _supports_scaler = True
     _supports_distributed = True
@@ -348,10 +348,6 @@ class KFAC(CurvatureOptimizer):
             process_group=process_group,
         )
         g = self.param_groups[0]
-        if float(g["momentum"]) >= 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {float(g['momentum'])}")
-        if kl_clip is not None and float(g["kl_clip"]) <= 0.0:
-            raise ValueError(f"kl_clip must be > 0 (or None to turn clipping off), got {float(g['kl_clip'])}")
 
         self.inv_every = inv_every
         self.fisher = fisher
