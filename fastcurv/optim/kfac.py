@@ -14,7 +14,10 @@ Per preconditioned layer (``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``) wit
 3. factors (``stat_decay`` :math:`\beta`): :math:`A \leftarrow \beta A + (1-\beta)\,\mathbb E[\bar a\bar a^\top]`,
    :math:`G \leftarrow \beta G + (1-\beta)\,\mathbb E[g g^\top]`, the batch statistics coming from
    :class:`fastcurv.capture.Capture` (which builds them with :func:`fastcurv.ops.kron_factor_update_`). The
-   very first update (no :meth:`KFAC.warm_start`) sets :math:`A, G` to the batch statistics (:math:`\beta = 0`);
+   very first update (no :meth:`KFAC.warm_start`) sets :math:`A, G` to the batch statistics (:math:`\beta = 0`,
+   ``factor_init="batch"``, the default). This deviates from the K-BFGS paper's KFAC code, which starts the
+   factors from zero and applies the average from the first batch on (:math:`A_0 = (1-\beta)A_{batch}`,
+   0.1·A_batch for the default :math:`\beta`) when it makes no initialisation pass: ``factor_init="zero"``;
 4. when :math:`k \bmod T = 0` or :math:`k \le T` (``inv_every`` :math:`T`, the code's rule), refresh
    :math:`(A + \delta_A I)^{-1}` and :math:`(G + \delta_G I)^{-1}` from the *updated* factors;
 5. direction :math:`P = (G + \delta_G I)^{-1}\, M\, (A + \delta_A I)^{-1}`, optional KL clipping
@@ -254,6 +257,10 @@ class KFAC(CurvatureOptimizer):
             bf16/fp16 parameters).
         layers: restrict preconditioning to these modules (or qualified names); default every supported layer.
         seed: seed of the generator used for sampled targets (default: drawn from the global RNG).
+        factor_init: the factors before the first update when :meth:`warm_start` was not called:
+            ``"batch"`` (default: the first update sets them to the batch statistics) or ``"zero"`` (they start
+            at zero and the first update is the usual average, :math:`A = (1-\beta)A_{batch}`: the K-BFGS
+            paper's KFAC code without its initialisation pass).
         fallback, fallback_lr, on_nonfinite, compile, distributed, process_group: see
             :class:`~fastcurv.optim._base.CurvatureOptimizer`.
     """
@@ -287,6 +294,7 @@ class KFAC(CurvatureOptimizer):
         factor_dtype: torch.dtype | None = None,
         layers: Iterable[nn.Module | str] | None = None,
         seed: int | None = None,
+        factor_init: str = "batch",
         fallback: str = "sgd",
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
@@ -298,6 +306,8 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"inv_every must be an int >= 1, got {inv_every!r}")
         if fisher not in _FISHERS:
             raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}")
+        if factor_init not in ("batch", "zero"):
+            raise ValueError(f"factor_init must be 'batch' or 'zero', got {factor_init!r}")
         if fisher == "sampled":
             if likelihood is None:
                 raise ValueError(
@@ -350,6 +360,7 @@ class KFAC(CurvatureOptimizer):
         g = self.param_groups[0]
 
         self.inv_every = inv_every
+        self.factor_init = factor_init
         self.fisher = fisher
         self.likelihood = likelihood
         self.damping_split = damping_split
@@ -781,7 +792,8 @@ class KFAC(CurvatureOptimizer):
                 torch._foreach_zero_(self._state_tensors(lay)[2:])
         g = self.param_groups[0]
         if layers:
-            beta = g["stat_decay"] if self._counters["factor_updates"] > 0 else self._zero
+            first = self._counters["factor_updates"] == 0 and self.factor_init == "batch"
+            beta = self._zero if first else g["stat_decay"]
             st = [self.state[lay.weight] for lay in layers]
             self._stats_fn(
                 [lay.weight for lay in layers],

@@ -764,3 +764,20 @@ def test_sampled_fisher_skips_a_step_whose_output_is_not_finite(likelihood):
     assert opt.skipped_steps == counters["skipped_steps"] + 1 and opt.steps == counters["steps"]
     opt.step(closure(x))
     assert opt.steps == counters["steps"] + 1
+
+
+def test_factor_init_zero_is_the_official_codes_first_average():
+    """factor_init="zero": the factors start at 0 and the first update is the usual EMA, A₁ = (1 − β)·A_batch
+    (the K-BFGS paper's KFAC code without an initialisation pass); the default sets A₁ = A_batch."""
+    x, y = _data(16, d_out=3)
+    factors = {}
+    for init in ("batch", "zero"):
+        model = _small()
+        opt = KFAC(model, lr=0.1, damping=0.1, stat_decay=0.8, factor_init=init)
+        opt.step(lambda: _bce(model(x), y))
+        factors[init] = {k: v for k, v in _state_tensors(opt).items() if k[-1] in ("A", "G")}
+    assert factors["batch"].keys() == factors["zero"].keys() and factors["batch"]
+    for k, v in factors["batch"].items():
+        torch.testing.assert_close(factors["zero"][k], 0.2 * v, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="factor_init"):
+        KFAC(_small(), factor_init="identity")
