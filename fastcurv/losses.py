@@ -34,6 +34,7 @@ __all__ = [
     "LIKELIHOODS",
     "LossInfo",
     "describe",
+    "reduction_of",
     "hessian_vp",
     "per_sample_hessians",
     "output_hessians",
@@ -72,6 +73,21 @@ def describe(loss_fn: Any) -> LossInfo:
     if loss_fn is F.mse_loss or type(loss_fn) is nn.MSELoss:
         return LossInfo("mse", getattr(loss_fn, "reduction", "mean"), True)
     return LossInfo("custom", None, False)
+
+
+#: autograd nodes of torch losses that record their reduction (``_saved_reduction``: 0 none, 1 mean, 2 sum)
+_REDUCING_NODES = ("NllLossBackward0", "NllLoss2DBackward0", "MseLossBackward0", "BinaryCrossEntropyWithLogitsBackward0",
+                   "BinaryCrossEntropyBackward0", "L1LossBackward0", "SmoothL1LossBackward0", "HuberLossBackward0")
+
+
+def reduction_of(loss: Tensor) -> str | None:
+    """The batch reduction of a computed loss when its last op is a torch loss that records it
+    (``F.cross_entropy(..., reduction="sum")`` gives ``"sum"``); ``None`` when it cannot be read (any op
+    after the loss, e.g. a division by the batch size, or a user-written loss)."""
+    fn = getattr(loss, "grad_fn", None)
+    if fn is None or type(fn).__name__ not in _REDUCING_NODES:
+        return None
+    return {0: "none", 1: "mean", 2: "sum"}.get(getattr(fn, "_saved_reduction", None))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -93,3 +93,15 @@ def test_sampling_from_a_non_finite_output_does_not_raise_and_stays_non_finite(l
     t = losses.sample_targets(likelihood, z, g)
     assert torch.isfinite(t.double()).all()
     assert not torch.isfinite(losses.nll(likelihood, z, t))
+
+
+def test_reduction_of_a_computed_loss() -> None:
+    z = torch.randn(4, 3, dtype=D, requires_grad=True)
+    y, t = torch.randint(0, 3, (4,)), torch.rand(4, 3, dtype=D)
+    assert losses.reduction_of(F.cross_entropy(z, y, reduction="sum")) == "sum"
+    assert losses.reduction_of(nn.CrossEntropyLoss()(z, y)) == "mean"
+    assert losses.reduction_of(F.mse_loss(z, t, reduction="sum")) == "sum"
+    assert losses.reduction_of(F.binary_cross_entropy_with_logits(z, t)) == "mean"
+    assert losses.reduction_of(F.binary_cross_entropy_with_logits(z, t, reduction="sum") / 4) is None
+    assert losses.reduction_of(_my_loss(z, t)) is None
+    assert losses.reduction_of(torch.tensor(1.0)) is None

@@ -80,6 +80,19 @@ Fisher (``fisher``):
   smaller by the number of outputs per sample, which only rescales ``lr`` relative to ``damping``. Targets
   are drawn from the optimizer's own ``torch.Generator`` (``seed``), saved in the state dict.
 
+Loss reduction (``loss_reduction``). The factors are those of the loss the closure returns. With
+``"mean"`` (default) it is a batch mean, :math:`L = \frac1N\sum_n\ell_n`, and the rows
+:math:`g_i = N\,\partial L/\partial h_i` are per-sample gradients. With ``"sum"``, :math:`L = \sum_n\ell_n`,
+whose Fisher is :math:`N` times the mean's: the captured rows are then :math:`N` times the per-sample
+gradients, and :math:`G` is divided by :math:`N` (for the sampled Fisher with a built-in ``likelihood``,
+whose :math:`\tilde L` is a mean, multiplied by :math:`N`), so :math:`G_{sum} = N\,G_{mean}` and as the
+damping goes to 0 the step is the same for either reduction. A summed loss declared as ``"mean"`` makes
+:math:`G` :math:`N^2` times too large and the step about :math:`N` times too small (measured: 1024 at
+:math:`N = 32`); when the closure returns a torch loss whose reduction autograd records
+(:func:`fastcurv.losses.reduction_of`, e.g. ``F.cross_entropy(..., reduction="sum")``) a mismatch raises
+``ValueError``; otherwise (a division after the loss, a user-written loss) it cannot be read, so set it. :math:`N` is this
+process's number of samples in the step.
+
 Compile: hyperparameters are 0-d tensors (``torch.optim.lr_scheduler`` works, no recompiles). The step is
 three compiled functions (``torch.compile(fullgraph=True)`` when ``compile`` is on): the finiteness check (one
 bool vector, one host sync per step), (momentum + factor EMA) and (direction + KL clip + parameter update);
@@ -257,6 +270,9 @@ class KFAC(CurvatureOptimizer):
             bf16/fp16 parameters).
         layers: restrict preconditioning to these modules (or qualified names); default every supported layer.
         seed: seed of the generator used for sampled targets (default: drawn from the global RNG).
+        loss_reduction: ``"mean"`` (default) or ``"sum"``: how the closure's loss reduces over the batch (see
+            *Loss reduction* in the module docstring; a summed loss declared as a mean takes steps about
+            :math:`N` times too small).
         factor_init: the factors before the first update when :meth:`warm_start` was not called:
             ``"batch"`` (default: the first update sets them to the batch statistics) or ``"zero"`` (they start
             at zero and the first update is the usual average, :math:`A = (1-\beta)A_{batch}`: the K-BFGS
@@ -294,6 +310,7 @@ class KFAC(CurvatureOptimizer):
         factor_dtype: torch.dtype | None = None,
         layers: Iterable[nn.Module | str] | None = None,
         seed: int | None = None,
+        loss_reduction: str = "mean",
         factor_init: str = "batch",
         fallback: str = "sgd",
         fallback_lr: float = 1e-3,
@@ -306,6 +323,8 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"inv_every must be an int >= 1, got {inv_every!r}")
         if fisher not in _FISHERS:
             raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if factor_init not in ("batch", "zero"):
             raise ValueError(f"factor_init must be 'batch' or 'zero', got {factor_init!r}")
         if fisher == "sampled":
@@ -361,6 +380,7 @@ class KFAC(CurvatureOptimizer):
 
         self.inv_every = inv_every
         self.factor_init = factor_init
+        self.loss_reduction = loss_reduction
         self.fisher = fisher
         self.likelihood = likelihood
         self.damping_split = damping_split
@@ -473,6 +493,12 @@ class KFAC(CurvatureOptimizer):
                     f"{type(out).__name__}{shape}"
                 )
             loss = out
+            red = _losses.reduction_of(loss)
+            if red is not None and red != self.loss_reduction:  # a wrong declaration would rescale the step by N
+                raise ValueError(
+                    f"KFAC: the closure's loss was reduced with reduction={red!r} but loss_reduction="
+                    f"{self.loss_reduction!r}; pass KFAC(..., loss_reduction={red!r})"
+                )
             already = any(p.grad is not None for p in self.param_groups[0]["params"])
             if self.fisher == "empirical":
                 if not already and loss.requires_grad:
@@ -518,6 +544,11 @@ class KFAC(CurvatureOptimizer):
             for lay in layers:
                 lay.stats.G.mul_(inv * inv)
                 lay.stats.g_mean.mul_(inv)
+        if self.loss_reduction == "sum":  # G of the summed loss: N times the batch mean's (module doc)
+            sampled = self.fisher == "sampled" and not callable(self.likelihood)
+            for lay in layers:
+                n = lay.stats.n_s.clamp(min=1).to(lay.stats.G.dtype)
+                lay.stats.G.mul_(n) if sampled else lay.stats.G.div_(n)
         if self._comm is not None and layers:
             sts = [lay.stats for lay in layers]
             self._comm.weighted_mean_(

@@ -781,3 +781,54 @@ def test_factor_init_zero_is_the_official_codes_first_average():
         torch.testing.assert_close(factors["zero"][k], 0.2 * v, rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="factor_init"):
         KFAC(_small(), factor_init="identity")
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_loss_reduction_sum_gives_the_fisher_of_the_summed_loss(fisher):
+    """A summed loss declared as such: G = N·G(mean) (the Fisher of Σℓ_n) and, as damping → 0, the same step
+    as the mean loss; declared as a mean, G is N² times G(mean) and the step about N times smaller."""
+    x, y = _data(32, d_out=3)
+    n = x.shape[0]
+    kw = dict(lr=1.0, damping=1e-18, weight_decay=0.0, momentum=0.0, inv_every=1)
+    if fisher == "sampled":
+        kw.update(fisher="sampled", likelihood="bernoulli", seed=4)
+    runs = {}
+    for name, reduction, scale in [("mean", "mean", 1.0), ("sum", "sum", n), ("sum-as-mean", "mean", n)]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(D64)
+        for lin in (model[0], model[2]):
+            nn.init.normal_(lin.weight, std=0.5)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = KFAC(model, loss_reduction=reduction, **kw)
+
+        def closure():
+            out = model(x)
+            loss = _bce(out, y) * scale
+            return (loss, out) if fisher == "sampled" else loss
+
+        opt.step(closure)
+        G = [opt.state[lin.weight]["G"].clone() for lin in (model[0], model[2])]
+        runs[name] = (G, [p.detach() - b for p, b in zip(model.parameters(), before)])
+    for gm, gs, gw in zip(runs["mean"][0], runs["sum"][0], runs["sum-as-mean"][0]):
+        torch.testing.assert_close(gs, n * gm, rtol=1e-12, atol=0)
+        if fisher == "empirical":
+            torch.testing.assert_close(gw, n * n * gm, rtol=1e-12, atol=0)
+    for dm, ds in zip(runs["mean"][1], runs["sum"][1]):
+        torch.testing.assert_close(ds, dm, rtol=1e-5, atol=1e-12)
+    if fisher == "empirical":
+        ratio = runs["mean"][1][0].norm() / runs["sum-as-mean"][1][0].norm()
+        assert 0.5 * n < ratio < 2 * n
+    with pytest.raises(ValueError, match="loss_reduction"):
+        KFAC(_small(), loss_reduction="batchmean")
+
+
+def test_a_readable_loss_reduction_that_contradicts_the_declared_one_raises():
+    model = _small()
+    x, y = _data(8, d_out=3)
+    opt = KFAC(model)
+    params, state = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="loss_reduction='sum'"):
+        opt.step(lambda: F.binary_cross_entropy_with_logits(model(x), y, reduction="sum"))
+    _assert_unchanged(model, opt, (params, state))
+    model = _small()
+    KFAC(model, loss_reduction="sum").step(lambda: F.binary_cross_entropy_with_logits(model(x), y, reduction="sum"))
