@@ -83,8 +83,9 @@ be a sum of per-sample terms (each depending on one sample's output; every batch
 (:func:`fastcurv.losses.per_sample_hessians`: one double backward per output coordinate on the small loss
 graph, one in all for the elementwise BCE/MSE), exact for every such loss; it holds the :math:`N K^2`
 blocks at once. This needs the loss graph: a closure that returns the loss without calling ``backward()``
-(or ``batch=``). A closure that backpropagates itself leaves only :math:`\nabla_z L`, from which the
-Hessian is inferred for the losses it determines — cross-entropy with class-index targets
+(or ``batch=``), or a loss module (``nn.CrossEntropyLoss(...)`` passed as ``loss_fn`` and applied to the
+model output in the closure: its inputs are recorded). Otherwise a closure that backpropagates itself leaves
+only :math:`\nabla_z L`, from which the Hessian is inferred for the losses it determines — cross-entropy with class-index targets
 (:math:`c_n(\mathrm{diag}(p) - pp^\top)` with :math:`c_n = \sum_k[\nabla_z\ell_n]_k^+/(1 - p_y)`, the
 gradient checked to be :math:`c_n(p - e_y)`), unweighted BCE and MSE — and anything else raises
 ``ValueError`` rather than take a wrong step. A user-written loss is assumed to be a batch mean under data
@@ -508,8 +509,11 @@ class ExactNewton(CurvatureOptimizer):
             if isinstance(out, Tensor) and out.requires_grad:
                 out.register_hook(lambda gr: dzs.append(gr.detach()))
 
+        seen: list[tuple[Any, ...]] = []  # (output, target) given to a loss module (its graph may be consumed)
         handles = [lay.module.register_forward_hook(layer_hook(i)) for i, lay in enumerate(self._layers)]
         handles.append(unwrap(self.model).register_forward_hook(model_hook))
+        if isinstance(self._spec.fn, nn.Module):
+            handles.append(self._spec.fn.register_forward_hook(lambda mod, args, out: seen.append(args)))
         try:
             with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
                 loss = self._eval_closure(closure, backward=False)
@@ -533,6 +537,11 @@ class ExactNewton(CurvatureOptimizer):
                     else:  # the loss does not depend on the output: no gradient, no curvature
                         dzs.append(torch.zeros_like(z))
                         hz = torch.zeros_like(z)
+                elif len(seen) == 1 and len(seen[0]) == 2 and seen[0][0] is z and z.dim() == 2:
+                    # the closure backpropagated a loss module applied to the output: its Hessian from a copy
+                    f = z.detach().requires_grad_(True)
+                    (dz,) = torch.autograd.grad(self._spec.fn(f, seen[0][1]), f, create_graph=True)
+                    hz = losses.per_sample_hessians(dz, f, elementwise=self._spec.elementwise)
         finally:
             for hd in handles:
                 hd.remove()

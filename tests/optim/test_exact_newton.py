@@ -435,7 +435,24 @@ def test_any_loss_step_equals_the_dense_absolute_hessian_solve(name):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * max(1.0, float(want.abs().max())))
 
 
-@pytest.mark.parametrize("name", ["soft-target-ce", "label-smoothing", "user-written"])
+@pytest.mark.parametrize("name", ["label-smoothing", "weighted-ce-sum", "bce-pos-weight"])
+def test_a_closure_that_backpropagates_a_loss_module_uses_its_recorded_inputs(name):
+    """A loss module passed as loss_fn and applied to the output: its (output, target) are recorded, so its
+    Hessian is exact even though the closure's backward() consumed the loss graph."""
+    loss_fn, targets = ANY_LOSSES[name]
+    m = _net()
+    x, y = torch.randn(5, 3, dtype=DT), targets(5)
+
+    def closure():
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        return loss
+
+    want = ExactNewton(m, loss_fn).hessian_factors(batch=(x, y))[-1]["B"]
+    torch.testing.assert_close(ExactNewton(m, loss_fn).hessian_factors(closure)[-1]["B"], want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["soft-target-ce", "user-written"])
 def test_a_closure_that_backpropagates_a_loss_whose_hessian_is_unknown_raises(name):
     """With the loss graph consumed by the closure's backward(), only a Hessian the gradient determines can
     be used: anything else raises instead of taking a wrong step (parameters unchanged)."""
