@@ -84,8 +84,9 @@ from typing import Literal, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastcurv import losses
 
 __all__ = ["PROBLEMS", "Problem", "ProblemError", "load_problem", "make_curves"]
 
@@ -246,10 +247,7 @@ class Problem:
                 f"loss_fn: output_logits and target must have the same shape (N, D) with N >= 1, got "
                 f"{tuple(output_logits.shape)} and {tuple(target.shape)}"
             )
-        n = output_logits.shape[0]
-        if self.loss == "bce":
-            return F.binary_cross_entropy_with_logits(output_logits, target, reduction="sum") / n
-        return 0.5 * (output_logits - target).pow(2).sum() / n
+        return losses.nll("bernoulli" if self.loss == "bce" else "gaussian", output_logits, target)
 
 
 # --------------------------------------------------------------------------------------------------------------

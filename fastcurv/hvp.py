@@ -16,16 +16,21 @@ and a direction :math:`v` (one tensor per trainable parameter):
 * ``method="ggn"``: the generalized Gauss–Newton product :math:`Gv = J^\top H_\ell J v` with
   :math:`J = \partial f/\partial\theta` and :math:`H_\ell = \partial^2\ell/\partial f^2`: a JVP
   (:math:`Jv`, the imaginary plane of the complex-step forward, or ``torch.autograd.forward_ad``), the
-  loss Hessian (analytic for cross-entropy/softmax, BCE-with-logits and MSE, else by autograd), and one
-  VJP. Positive semi-definite whenever :math:`\ell` is convex in :math:`f`.
+  loss Hessian (:func:`fastcurv.losses.hessian_vp`: analytic for cross-entropy/softmax, BCE-with-logits and
+  MSE, by autograd for any other loss), and one VJP. Positive semi-definite whenever :math:`\ell` is convex in :math:`f`.
 
 Every function leaves the model exactly as it found it: parameters (swapped only inside
 ``torch.func.functional_call``), their ``.grad`` (only ``torch.autograd.grad`` is used, never
-``.backward()``), all buffers (BatchNorm running statistics and ``num_batches_tracked`` are snapshotted and
-copied back — the forward of a train-mode BatchNorm advances them) and the global RNG state (CPU and the
+``.backward()``), all buffers (the forwards run on copies of them, so a train-mode BatchNorm advances the
+copies' running statistics and ``num_batches_tracked``; the model's own buffer tensors are never written,
+so graphs that saved them stay differentiable) and the global RNG state (CPU and the
 parameters' CUDA devices are forked, so a train-mode dropout mask drawn here is the one the *next* forward
 will draw, and a training run is bit-identical with or without curvature products). Pass
 ``preserve_state=False`` to skip this (e.g. inside ``torch.compile``, where it is skipped automatically).
+
+Scaled dot-product attention runs on its math backend inside every product (the fused flash and
+memory-efficient kernels have no double backward or forward-mode rule), so transformers need no
+``sdpa_kernel`` context from the caller.
 
 Forward and losses run in train or eval mode as the model is set; all methods see the same function
 (train-mode BatchNorm uses batch statistics, so its Hessian couples the samples of the batch).
@@ -45,10 +50,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcurv import complex_step as cs
+from fastcurv import losses as _losses
 
 __all__ = [
     "METHODS",
@@ -176,24 +181,57 @@ def _set_rng(state: tuple[Tensor, list[Tensor]], devices: Sequence[int]) -> None
         torch.cuda.set_rng_state(st, d)
 
 
+def _attention_math() -> contextlib.AbstractContextManager[None]:
+    """Scaled dot-product attention on the composite (math) backend: the fused CPU/GPU kernels (flash,
+    memory-efficient, cuDNN) have no double backward and no forward-mode rule, which every curvature
+    product here needs; the math backend is built from differentiable ops."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 @contextlib.contextmanager
 def _preserved(model: nn.Module, params: Sequence[Tensor], enabled: bool) -> Iterator[None]:
-    """Snapshot every buffer and fork the RNG (CPU + the parameters' CUDA devices); restore on exit."""
+    """Run with every buffer swapped for a copy and the RNG forked (CPU + the parameters' CUDA devices).
+
+    The forwards inside see (and a train-mode BatchNorm advances) the copies; on exit the model's own buffer
+    tensors are put back, never written. Copying the saved values back into them instead would bump their
+    version counters, and autograd then refuses any graph that saved them (an eval-mode BatchNorm's running
+    statistics, the ``position_ids`` a transformer indexes with): the caller's own loss graph, or the graph a
+    curvature operator builds here and differentiates after the block. Inside ``torch.compile`` (which
+    cannot trace the swap) the values are copied back as before. Attention runs on the math backend
+    (:func:`_attention_math`)."""
     if not enabled:
-        with torch.enable_grad():
+        with torch.enable_grad(), _attention_math():
             yield
         return
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
     devices = _cuda_devices(params)
-    # torch.compile cannot trace fork_rng: compiled callers get the buffers restored but not the RNG
-    rng = contextlib.nullcontext() if torch.compiler.is_compiling() else torch.random.fork_rng(devices=devices)
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace fork_rng: compiled callers get the buffers restored but not the RNG
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            with torch.no_grad():
+                for b, s in saved:
+                    b.copy_(s)
+        return
+    owners = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    copies: dict[int, Tensor] = {}
+    for _, _, b in owners:
+        if id(b) not in copies:  # a buffer shared by two modules stays shared
+            copies[id(b)] = b.detach().clone()
     try:
-        with rng, torch.enable_grad():
+        for m, n, b in owners:
+            m._buffers[n] = copies[id(b)]
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _attention_math():
             yield
     finally:
-        with torch.no_grad():
-            for b, s in saved:
-                b.copy_(s)
+        for m, n, b in owners:
+            m._buffers[n] = b
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -559,74 +597,6 @@ def _ggn_shared(
 # --------------------------------------------------------------------------------------------------------
 # loss Hessian with respect to the model output
 # --------------------------------------------------------------------------------------------------------
-def _reduction_of(loss_fn: Any, default: str = "mean") -> str | None:
-    return getattr(loss_fn, "reduction", default)
-
-
-def _analytic(loss_fn: Any, o: Tensor, t: Any) -> Callable[[Tensor], Tensor] | None:
-    """An analytic :math:`u \\mapsto H_\\ell u` for the recognised losses with supported options, else None."""
-    if not isinstance(t, Tensor) or isinstance(t, cs.Planes):
-        return None
-    if loss_fn is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss:
-        mod = loss_fn if isinstance(loss_fn, nn.Module) else None
-        if mod is not None and (mod.weight is not None or mod.label_smoothing != 0.0 or mod.reduction == "none"):
-            return None
-        if t.is_floating_point() or o.dim() == 0:
-            return None
-        ignore = mod.ignore_index if mod is not None else -100
-        red = mod.reduction if mod is not None else "mean"
-        cdim = 1 if o.dim() >= 2 else 0
-
-        def ce(u: Tensor) -> Tensor:  # per sample: (diag(p) - p p^T) u
-            p = torch.softmax(o, cdim)
-            hu = p * (u - (p * u).sum(cdim, keepdim=True))
-            keep = (t != ignore).unsqueeze(cdim)
-            hu = torch.where(keep, hu, 0.0)
-            return hu / keep.sum() if red == "mean" else hu
-
-        return ce
-    if loss_fn is F.binary_cross_entropy_with_logits or type(loss_fn) is nn.BCEWithLogitsLoss:
-        mod = loss_fn if isinstance(loss_fn, nn.Module) else None
-        w = None if mod is None else mod.weight
-        if mod is not None and (mod.pos_weight is not None or mod.reduction == "none"):
-            return None
-        if t.shape != o.shape or (w is not None and torch.broadcast_shapes(w.shape, o.shape) != o.shape):
-            return None
-        red = "mean" if mod is None else mod.reduction
-
-        def bce(u: Tensor) -> Tensor:  # diag(σ(1-σ)·w)
-            s = torch.sigmoid(o)
-            hu = s * (1 - s) * u
-            if w is not None:
-                hu = hu * w
-            return hu / o.numel() if red == "mean" else hu
-
-        return bce
-    if loss_fn is F.mse_loss or type(loss_fn) is nn.MSELoss:
-        red = _reduction_of(loss_fn)
-        if red == "none" or not isinstance(t, Tensor) or t.shape != o.shape:
-            return None
-        return lambda u: (2.0 / o.numel()) * u if red == "mean" else 2.0 * u
-    return None
-
-
-def loss_hessian_vp(loss_fn: LossFn, output: Tensor, target: Any, u: Tensor) -> Tensor:
-    r""":math:`H_\ell u` with :math:`H_\ell = \partial^2 \ell(f, y)/\partial f^2` at ``f = output``.
-
-    Analytic for ``F.cross_entropy``/``nn.CrossEntropyLoss`` (class-index targets, ``ignore_index``, mean or
-    sum; per sample :math:`\mathrm{diag}(p) - pp^\top` with :math:`p = \mathrm{softmax}(f)`),
-    ``F.binary_cross_entropy_with_logits``/``nn.BCEWithLogitsLoss`` (:math:`\mathrm{diag}(\sigma(1-\sigma)w)`)
-    and ``F.mse_loss``/``nn.MSELoss`` (:math:`2I`), divided by the mean's count. Any other loss (or option)
-    goes through autograd: :math:`\nabla_f(\nabla_f \ell \cdot u)` (double backward on the small loss graph).
-    """
-    rule = _analytic(loss_fn, output, target)
-    if rule is not None:
-        return rule(u)
-    with torch.enable_grad():
-        f = output.detach().requires_grad_(True)
-        loss = loss_fn(f, target)
-        (g,) = torch.autograd.grad(loss, f, create_graph=True)
-        if not g.requires_grad:  # the loss is linear in f
-            return torch.zeros_like(u)
-        (hu,) = torch.autograd.grad(g, f, grad_outputs=u, allow_unused=True)
-    return torch.zeros_like(u) if hu is None else hu.detach()
+#: :math:`H_\ell u` (:func:`fastcurv.losses.hessian_vp`: analytic for the recognised torch losses, autograd
+#: for any other)
+loss_hessian_vp = _losses.hessian_vp

@@ -394,6 +394,24 @@ def test_state_is_untouched(method: str) -> None:
     assert not torch.equal(model[1].running_mean, before["1.running_mean"])
 
 
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("method", METHODS)
+def test_graphs_that_saved_a_buffer_survive_a_product(method: str, train: bool) -> None:
+    """A BatchNorm's running statistics are saved by the graph of the caller's loss (eval mode) and the
+    products run on copies: the caller can still backpropagate, and its buffers are the same tensors."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(D).train(train)
+    x, y = data("bn")
+    buffers = {n: b for n, b in model.named_buffers()}
+    loss = F.cross_entropy(model(x), y)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    hv = hvp(model, F.cross_entropy, (x, y), randvec(model), method=method)
+    loss.backward()
+    assert all(torch.isfinite(t).all() for t in hv)
+    for n, b in model.named_buffers():
+        assert b is buffers[n] and torch.equal(b, before[n]), n
+
 def test_frozen_and_unused_parameters() -> None:
     torch.manual_seed(12)
 

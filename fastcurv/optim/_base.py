@@ -52,6 +52,11 @@ def maybe_compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+class Open(float):
+    """An excluded bound in :attr:`CurvatureOptimizer.hyperparameters`: ``(Open(0.0), None)`` is
+    :math:`(0, \\infty)`, ``(0.0, Open(1.0))`` is :math:`[0, 1)`."""
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class of the fastcurv optimizers (not used directly).
 
@@ -80,7 +85,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         process_group: the group to use (default: the default group).
     """
 
-    #: hyperparameter name -> (low, high), inclusive bounds; None = unbounded
+    #: hyperparameter name -> (low, high), inclusive bounds (:class:`Open` marks an excluded one); None = unbounded
     hyperparameters: dict[str, tuple[float | None, float | None]] = {"lr": (0.0, None)}
 
     def __init__(
@@ -158,8 +163,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             v = float(value)  # construction time only: one host read is fine here
         else:
             v = float(value)
-        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ValueError(f"{name} must be finite and in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
+        lo_bad = lo is not None and (v <= lo if isinstance(lo, Open) else v < lo)
+        hi_bad = hi is not None and (v >= hi if isinstance(hi, Open) else v > hi)
+        if not math.isfinite(v) or lo_bad or hi_bad:
+            interval = (
+                f"{'(' if lo is None or isinstance(lo, Open) else '['}{'-inf' if lo is None else float(lo)}, "
+                f"{'inf' if hi is None else float(hi)}{')' if hi is None or isinstance(hi, Open) else ']'}"
+            )
+            raise ValueError(f"{name} must be finite and in {interval}, got {v}")
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
         return torch.tensor(v, dtype=dtype, device=ref.device)
 

@@ -48,8 +48,10 @@ Stopping rules (a block stops at the first that fires; the others go on):
   :math:`(\phi_i - \phi_{i-k})/\phi_i < \text{progress\_tol}`. Signs: CG makes :math:`\phi` decrease, so
   with :math:`\phi_i < 0` both numerator and denominator are negative and the ratio is the (positive)
   relative decrease over the last :math:`k` iterations. Martens writes the threshold as
-  :math:`k\epsilon` with :math:`\epsilon = 5\cdot10^{-4}`; the HF PyTorch port (and this module's callers'
-  default) use a flat ``1e-4``.
+  :math:`k\epsilon` with :math:`\epsilon = 5\cdot10^{-4}`; the PyTorch Hessian-free port
+  (ltatzel/PyTorchHessianFree) compares against a flat ``5e-4`` (since 2022), while this module's callers
+  (:class:`~fastcurv.optim.NewtonCG`, :class:`~fastcurv.optim.BlockHF`) default to a flat ``1e-4`` — a
+  stricter threshold than both, so their CG runs at least as long.
 * **Iteration cap** ``max_iters``.
 
 A non-finite :math:`\kappa` or residual aborts the solve (``finite=False``); the caller skips the step.

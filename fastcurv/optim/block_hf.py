@@ -5,10 +5,16 @@ r"""Block-diagonal Hessian-free optimisation (Zhang, Xiong, Bradbury & Socher, a
    replaces Hessian-free's generalized Gauss–Newton (GGN) matrix by its **block-diagonal** part — curvature
    only between parameters of the same layer/block — and runs **CG independently for each block**. The
    block partition for CNNs/LSTMs, the damping schedule, the CG cap and the curvature-batch size are not
-   known, so the Hessian-free machinery below is Martens' (2010) as the PyTorch HF port documents it
-   (Tikhonov damping with the Levenberg–Marquardt rule, warm start :math:`0.95\,\delta_{prev}`, the
-   relative-progress CG stop, an iteration cap, a smaller curvature minibatch). Martens' CG-iterate
-   backtracking, line search and diagonal preconditioner are not implemented.
+   known, so the Hessian-free machinery below is Martens' (2010) (Tikhonov damping with the
+   Levenberg–Marquardt rule, warm start :math:`0.95\,\delta_{prev}`, the relative-progress CG stop, an
+   iteration cap, a smaller curvature minibatch). Martens' CG-iterate backtracking, line search and diagonal
+   preconditioner are not implemented. Two rules differ from the PyTorch Hessian-free port
+   (ltatzel/PyTorchHessianFree), with which the products and CG iterates otherwise agree: the reduction
+   ratio divides by the *undamped* block model :math:`q` measured from :math:`L(\theta)` (step 4; the port
+   uses the damped CG quadratic measured from the warm start), and the warm-started progress rule divides by
+   :math:`\phi_i` (step 3; the port divides by :math:`\phi_i - \phi_0`, the decrease since the warm
+   start), so on a warm start the two stop CG at different iterations. Its progress threshold is ``5e-4``,
+   this module's default ``progress_tol`` 1e-4.
 
 Step protocol (as :class:`fastcurv.optim.NewtonCG`)::
 

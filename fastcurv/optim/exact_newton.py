@@ -73,21 +73,23 @@ zero eigenspace, which :math:`g\bar a^\top` does not meet anyway).
 
 Losses (per-sample :math:`\ell_n` defined by :math:`L = \frac1N\sum_n\ell_n`)
 ----------------------------------------------------------------------------
-``loss_fn`` declares the loss the closure computes:
-
-* ``"ce"``, ``nn.CrossEntropyLoss``, ``F.cross_entropy`` (class-index targets; ``weight``, ``ignore_index``,
-  any reduction): :math:`\nabla^2_z\ell_n = c_n(\mathrm{diag}(p) - pp^\top)`, :math:`p = \mathrm{softmax}(z_n)`.
-  The per-sample scale :math:`c_n` (1 for an unweighted mean, :math:`N` for a sum, 0 for an ignored
-  sample, :math:`N w_y/\sum w` for weights) is read off the gradient, which is exactly
-  :math:`\nabla_z\ell_n = c_n(p - e_y)`: :math:`c_n = \sum_k[\nabla_z\ell_n]_k^+ / (1 - p_y)` with
-  :math:`y = \arg\min_k[\nabla_z\ell_n]_k`.
-* ``"bce"`` (:math:`\ell_n = \sum_j \mathrm{softplus}(z_j) - t_jz_j`: summed over outputs, mean over the
-  batch), ``nn.BCEWithLogitsLoss`` / ``F.binary_cross_entropy_with_logits`` (no ``weight``/``pos_weight``;
-  mean over all elements: :math:`\ell_n` is the sum divided by :math:`D`, the outputs per sample; sum:
-  times :math:`N`): :math:`\nabla^2_z\ell_n = c\,\mathrm{diag}(\sigma(z)(1-\sigma(z)))`.
-* ``"mse"`` (:math:`\ell_n = \tfrac12\lVert z - t\rVert^2`), ``nn.MSELoss`` / ``F.mse_loss``
-  (:math:`\ell_n = \frac1D\lVert z-t\rVert^2` for the mean, :math:`N\lVert z-t\rVert^2` for the sum):
-  :math:`\nabla^2_z\ell_n = 2c\,I`.
+``loss_fn`` declares the loss the closure computes: ``"ce"`` (cross-entropy, mean over the batch),
+``"bce"`` (:math:`\ell_n = \sum_j \mathrm{softplus}(z_j) - t_jz_j`: summed over outputs, mean over the
+batch), ``"mse"`` (:math:`\ell_n = \tfrac12\lVert z - t\rVert^2`) (:func:`fastcurv.losses.nll`), or any
+callable ``loss_fn(output, target)`` — torch losses with any option (class weights, ``label_smoothing``,
+probability targets, ``pos_weight``, ``reduction="mean"|"sum"``) or a user-written function. The loss must
+be a sum of per-sample terms (each depending on one sample's output; every batch reduction is), and
+:math:`\nabla^2_z\ell_n = N\,\partial^2 L/\partial z_n^2` comes from autograd
+(:func:`fastcurv.losses.per_sample_hessians`: one double backward per output coordinate on the small loss
+graph, one in all for the elementwise BCE/MSE), exact for every such loss; it holds the :math:`N K^2`
+blocks at once. This needs the loss graph: a closure that returns the loss without calling ``backward()``
+(or ``batch=``), or a loss module (``nn.CrossEntropyLoss(...)`` passed as ``loss_fn`` and applied to the
+model output in the closure: its inputs are recorded). Otherwise a closure that backpropagates itself leaves
+only :math:`\nabla_z L`, from which the Hessian is inferred for the losses it determines — cross-entropy with class-index targets
+(:math:`c_n(\mathrm{diag}(p) - pp^\top)` with :math:`c_n = \sum_k[\nabla_z\ell_n]_k^+/(1 - p_y)`, the
+gradient checked to be :math:`c_n(p - e_y)`), unweighted BCE and MSE — and anything else raises
+``ValueError`` rather than take a wrong step. A user-written loss is assumed to be a batch mean under data
+parallelism (a torch loss's ``reduction`` is read).
 
 The per-sample output gradient is :math:`\nabla_z\ell_n = N\,\partial L/\partial z_n` (one backward of the
 loss to the output only). The closure must compute exactly the declared loss of ``model(x)``.
@@ -132,6 +134,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcurv import losses
 from fastcurv.distributed import no_sync, unwrap
 from fastcurv.optim._base import Closure, CurvatureOptimizer
 
@@ -217,55 +220,37 @@ def _parse_model(model: object) -> list[_Layer]:
 
 @dataclass
 class _LossSpec:
-    kind: str  # "ce" | "bce" | "mse"
-    scale: str  # "sample" (the string conventions), "mean" (over elements), "sum"
+    kind: str  # "ce" | "bce" | "mse" | "custom"
+    scale: str  # "sample" (the string conventions), "mean" (over elements), "sum", "custom"
     fn: Callable[[Tensor, Tensor], Tensor]
     summed: bool = False  # reduction="sum": the loss is a sum over the batch, not a mean
+    elementwise: bool = False  # the output Hessian is diagonal (BCE, MSE with any weights)
 
     def __post_init__(self) -> None:
-        self.summed = self.scale == "sum" or getattr(self.fn, "reduction", None) == "sum"
+        info = losses.describe(self.fn)
+        self.summed = self.scale == "sum" or info.reduction == "sum"
+        self.elementwise = self.kind in ("bce", "mse") or info.elementwise
 
 
-def _bce_sample(z: Tensor, t: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / z.shape[0]
-
-
-def _mse_sample(z: Tensor, t: Tensor) -> Tensor:
-    return 0.5 * (z - t).pow(2).sum() / z.shape[0]
+_STRING_LOSSES = {"ce": "categorical", "bce": "bernoulli", "mse": "gaussian"}
 
 
 def _parse_loss(loss_fn: object) -> _LossSpec:
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
-            raise ValueError(f"ExactNewton: loss_fn must be one of {LOSSES} or a supported torch loss, got {loss_fn!r}")
-        fn = {"ce": F.cross_entropy, "bce": _bce_sample, "mse": _mse_sample}[loss_fn]
-        return _LossSpec(loss_fn, "sample", fn)
-    if loss_fn is F.cross_entropy:
-        return _LossSpec("ce", "sample", F.cross_entropy)
-    if loss_fn is F.binary_cross_entropy_with_logits:
-        return _LossSpec("bce", "mean", F.binary_cross_entropy_with_logits)
-    if loss_fn is F.mse_loss:
-        return _LossSpec("mse", "mean", F.mse_loss)
-    if type(loss_fn) in (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss):
-        red = loss_fn.reduction
-        if red not in ("mean", "sum"):
-            raise ValueError(
-                f"ExactNewton: {type(loss_fn).__name__}(reduction={red!r}) is not supported (use 'mean' or 'sum')"
-            )
-        if type(loss_fn) is nn.CrossEntropyLoss:
-            if loss_fn.label_smoothing != 0.0:
-                raise ValueError("ExactNewton: nn.CrossEntropyLoss with label_smoothing is not supported")
-            return _LossSpec("ce", "sample", loss_fn)
-        if type(loss_fn) is nn.BCEWithLogitsLoss:
-            if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-                raise ValueError("ExactNewton: nn.BCEWithLogitsLoss with weight or pos_weight is not supported")
-            return _LossSpec("bce", red, loss_fn)
-        return _LossSpec("mse", red, loss_fn)
-    raise ValueError(
-        f"ExactNewton: unsupported loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)}; supported: "
-        f"{LOSSES}, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss, F.cross_entropy, "
-        f"F.binary_cross_entropy_with_logits, F.mse_loss"
-    )
+            raise ValueError(f"ExactNewton: loss_fn must be one of {LOSSES} or a callable (output, target) -> loss, got {loss_fn!r}")
+        lik = _STRING_LOSSES[loss_fn]
+        return _LossSpec(loss_fn, "sample", lambda z, t: losses.nll(lik, z, t))
+    if not callable(loss_fn):
+        raise TypeError(f"ExactNewton: loss_fn must be one of {LOSSES} or a callable (output, target) -> loss, got {type(loss_fn).__name__}")
+    info = losses.describe(loss_fn)
+    if info.reduction == "none":
+        raise ValueError(
+            f"ExactNewton: {type(loss_fn).__name__}(reduction='none') is not supported (use 'mean' or 'sum')"
+        )
+    kind = {"cross_entropy": "ce", "bce_with_logits": "bce", "mse": "mse"}.get(info.kind, "custom")
+    scale = "custom" if kind == "custom" else ("sample" if kind == "ce" else info.reduction)
+    return _LossSpec(kind, scale, loss_fn)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,14 +274,35 @@ def _activation_derivatives(acts: Sequence[nn.Module], h: Tensor) -> tuple[Tenso
 
 
 def _loss_hessian(spec: _LossSpec, z: Tensor, gz: Tensor, n_total: int) -> Tensor:
-    r"""Per-sample :math:`\nabla_z^2\ell_n` (``(n, K, K)``) given the outputs and per-sample output gradients."""
+    r"""Per-sample :math:`\nabla_z^2\ell_n` (``(n, K, K)``) inferred from the outputs and per-sample output
+    gradients alone, for a closure that backpropagated its loss itself (its graph is gone). Only a loss whose
+    Hessian the gradient determines qualifies: cross-entropy with class-index targets (checked: the gradient
+    must be :math:`c_n(p - e_y)`), BCE with logits and MSE without weights; any other raises ``ValueError``."""
     n, k = z.shape
+    fn = spec.fn
+    weighted = getattr(fn, "weight", None) is not None or getattr(fn, "pos_weight", None) is not None
+    if spec.kind == "custom" or weighted or getattr(fn, "label_smoothing", 0.0) != 0.0:
+        raise ValueError(
+            "ExactNewton: the closure called backward() itself, so the loss graph is gone, and the Hessian of "
+            f"this loss ({getattr(fn, '__name__', type(fn).__name__)}) cannot be inferred from its gradient; "
+            "return the loss without calling backward() (step(lambda: loss_fn(model(x), y))) or use batch=(x, y)"
+        )
     if spec.kind == "ce":
         p = torch.softmax(z, dim=1)
         y = gz.argmin(dim=1, keepdim=True)
         rest = p.scatter(1, y, 0.0).sum(1)  # 1 - p_y, without cancellation
         pos = gz.clamp_min(0).sum(1)
         c = torch.where(rest > 0, pos / torch.where(rest > 0, rest, torch.ones_like(rest)), torch.zeros_like(rest))
+        # probability (soft) targets give a gradient c (p - t) that is no c (p - e_y): their Hessian is
+        # (sum t) c (diag p - p p^T), which the gradient does not determine
+        resid = (gz - c[:, None] * (p - F.one_hot(y[:, 0], k).to(p.dtype))).abs().amax(1)
+        tol = torch.finfo(z.dtype).eps ** 0.5 * torch.maximum(c, gz.abs().amax(1))
+        if bool((resid > tol).any()):
+            raise ValueError(
+                "ExactNewton: the closure called backward() itself and the cross-entropy gradient is not that of "
+                "class-index targets (probability targets or label smoothing): the Hessian cannot be inferred from "
+                "it; return the loss without calling backward() or use batch=(x, y)"
+            )
         return c[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
     if spec.scale == "sample":
         c = 1.0 if spec.kind == "bce" else 0.5
@@ -319,6 +325,9 @@ class _Record:
     #: :math:`\nabla_z\ell_n` = ``n_scale`` * dz: the batch size the loss is a mean over (a sum over the
     #: global batch: the global size); None = this batch's size
     n_scale: int | None = None
+    #: :math:`\partial^2 L/\partial z_n^2` by autograd (:func:`fastcurv.losses.per_sample_hessians`),
+    #: ``(N, K, K)`` or ``(N, K)`` diagonals; None when the closure consumed the loss graph
+    hz: Tensor | None = None
 
 
 def _factors(
@@ -330,7 +339,11 @@ def _factors(
     n_total = rec.z.shape[0] if rec.n_scale is None else rec.n_scale
     z = rec.z[sl]
     gz = rec.dz[sl] * n_total
-    hz = _loss_hessian(spec, z, gz, n_total)
+    if rec.hz is None:
+        hz = _loss_hessian(spec, z, gz, n_total)
+    else:
+        hz = n_total * rec.hz[sl]
+        hz = torch.diag_embed(hz) if hz.dim() == 2 else hz
     last = len(layers) - 1
     d1, d2 = _activation_derivatives(layers[last].acts, rec.outputs[last][sl])
     g = d1 * gz
@@ -413,8 +426,8 @@ class ExactNewton(CurvatureOptimizer):
 
     Args:
         model: an ``nn.Sequential`` MLP (``nn.Linear`` + elementwise activations).
-        loss_fn: the loss the closure computes: ``"ce"``, ``"bce"``, ``"mse"`` or a supported torch loss (see
-            *Losses* in the module docstring); anything else raises ``ValueError``.
+        loss_fn: the loss the closure computes: ``"ce"``, ``"bce"``, ``"mse"`` or any callable
+            ``loss_fn(output, target)`` separable over the batch (see *Losses* in the module docstring).
         lr: step length :math:`\eta` (0-d tensor hyperparameter), default 1.
         damping: Tikhonov regularisation :math:`\rho \ge 0` (0 = pseudo-inverse), default 1.
         eig_floor: floor on the adjusted eigenvalues :math:`\lVert\bar a\rVert^2|\lambda_i|` (default 0; a
@@ -496,8 +509,11 @@ class ExactNewton(CurvatureOptimizer):
             if isinstance(out, Tensor) and out.requires_grad:
                 out.register_hook(lambda gr: dzs.append(gr.detach()))
 
+        seen: list[tuple[Any, ...]] = []  # (output, target) given to a loss module (its graph may be consumed)
         handles = [lay.module.register_forward_hook(layer_hook(i)) for i, lay in enumerate(self._layers)]
         handles.append(unwrap(self.model).register_forward_hook(model_hook))
+        if isinstance(self._spec.fn, nn.Module):
+            handles.append(self._spec.fn.register_forward_hook(lambda mod, args, out: seen.append(args)))
         try:
             with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
                 loss = self._eval_closure(closure, backward=False)
@@ -508,13 +524,24 @@ class ExactNewton(CurvatureOptimizer):
                         f"{len(zs)} times)"
                     )
                 z = zs[0]
+                hz = None
                 if not dzs:  # the closure did not backpropagate itself: gradient to the output only
                     raw = self._last_loss
                     if raw.requires_grad and z.requires_grad:
-                        (dz,) = torch.autograd.grad(raw, z, allow_unused=True)
-                        dzs.append(torch.zeros_like(z) if dz is None else dz.detach())
-                    else:
+                        (dz,) = torch.autograd.grad(raw, z, allow_unused=True, create_graph=True)
+                        if dz is None:
+                            dz = torch.zeros_like(z)
+                        if z.dim() == 2:  # any loss: its per-sample output Hessians by autograd
+                            hz = losses.per_sample_hessians(dz, z, elementwise=self._spec.elementwise)
+                        dzs.append(dz.detach())
+                    else:  # the loss does not depend on the output: no gradient, no curvature
                         dzs.append(torch.zeros_like(z))
+                        hz = torch.zeros_like(z)
+                elif len(seen) == 1 and len(seen[0]) == 2 and seen[0][0] is z and z.dim() == 2:
+                    # the closure backpropagated a loss module applied to the output: its Hessian from a copy
+                    f = z.detach().requires_grad_(True)
+                    (dz,) = torch.autograd.grad(self._spec.fn(f, seen[0][1]), f, create_graph=True)
+                    hz = losses.per_sample_hessians(dz, f, elementwise=self._spec.elementwise)
         finally:
             for hd in handles:
                 hd.remove()
@@ -533,7 +560,8 @@ class ExactNewton(CurvatureOptimizer):
         # parameters' dtype (float32 state for a low-precision forward)
         dt = self._layers[-1].module.weight.dtype
         return loss, _Record(
-            [r[0].to(dt) for r in inputs], [r[0].to(dt) for r in outputs], z.to(dt), dzs[-1].to(dt)
+            [r[0].to(dt) for r in inputs], [r[0].to(dt) for r in outputs], z.to(dt), dzs[-1].to(dt),
+            hz=None if hz is None else hz.to(dt),
         )
 
     def _eval_closure(self, closure: Closure | None, *, backward: bool = True) -> Tensor:

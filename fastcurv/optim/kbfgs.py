@@ -96,7 +96,7 @@ from torch import Tensor, nn
 from fastcurv import ops
 from fastcurv import distributed as fdist
 from fastcurv.capture import Capture
-from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
+from fastcurv.optim._base import Closure, CurvatureOptimizer, Open, maybe_compile
 from fastcurv.optim._lbfgs import lbfgs_append, lbfgs_apply, lbfgs_memory
 
 __all__ = ["KBFGS", "KBFGSL", "POWELL_MU", "CURVATURE_TOL"]
@@ -345,11 +345,11 @@ class _KBFGSBase(CurvatureOptimizer):
 
     hyperparameters = {
         "lr": (0.0, None),
-        "damping": (0.0, None),
-        "momentum": (0.0, 1.0),
+        "damping": (Open(0.0), None),  # sqrt(damping) is the LM damping of A and of H_g's update
+        "momentum": (0.0, Open(1.0)),  # 1: the momentum never leaves 0
         "weight_decay": (0.0, None),
-        "stat_decay": (0.0, 1.0),
-        "pair_decay": (0.0, 1.0),
+        "stat_decay": (0.0, Open(1.0)),  # 1: A never sees the data
+        "pair_decay": (0.0, Open(1.0)),  # 1: the (s, y) pair never sees the data
     }
     _supports_scaler = True
     _supports_distributed = True
@@ -397,10 +397,6 @@ class _KBFGSBase(CurvatureOptimizer):
             distributed=distributed,
             process_group=process_group,
         )
-        if float(self.param_groups[0]["damping"]) <= 0:
-            raise ValueError(
-                f"damping must be > 0 (it sets sqrt(damping) on A and on H_g's LM damping), got {float(damping)}"
-            )
         chosen, notes = _select_layers(model)
         if not chosen:
             extra = f" ({'; '.join(notes)})" if notes else ""
@@ -745,10 +741,10 @@ class KBFGS(_KBFGSBase):
         lr: step size α (0-d tensor in ``param_groups``; schedulers welcome).
         damping: λ > 0; :math:`\sqrt\lambda` is the LM damping of :math:`A` (:math:`A + \sqrt\lambda I`) and
             the :math:`\mu_2` of :math:`H_g`'s double damping.
-        momentum: ρ of the gradient EMA (zero start, no bias correction).
+        momentum: ρ ∈ [0, 1) of the gradient EMA (zero start, no bias correction).
         weight_decay: τ, coupled L2 on weights and biases (added to the gradient before the momentum).
-        stat_decay: β of the EMA of :math:`A` (0.9).
-        pair_decay: EMA factor of the :math:`H_g` pair (0.9; the code uses 0 for full-batch training).
+        stat_decay: β ∈ [0, 1) of the EMA of :math:`A` (0.9).
+        pair_decay: EMA factor ∈ [0, 1) of the :math:`H_g` pair (0.9; the code uses 0 for full-batch training).
         fallback, fallback_lr, on_nonfinite, compile, distributed, process_group: see
             :class:`~fastcurv.optim._base.CurvatureOptimizer`.
 

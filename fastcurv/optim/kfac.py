@@ -14,7 +14,10 @@ Per preconditioned layer (``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``) wit
 3. factors (``stat_decay`` :math:`\beta`): :math:`A \leftarrow \beta A + (1-\beta)\,\mathbb E[\bar a\bar a^\top]`,
    :math:`G \leftarrow \beta G + (1-\beta)\,\mathbb E[g g^\top]`, the batch statistics coming from
    :class:`fastcurv.capture.Capture` (which builds them with :func:`fastcurv.ops.kron_factor_update_`). The
-   very first update (no :meth:`KFAC.warm_start`) sets :math:`A, G` to the batch statistics (:math:`\beta = 0`);
+   very first update (no :meth:`KFAC.warm_start`) sets :math:`A, G` to the batch statistics (:math:`\beta = 0`,
+   ``factor_init="batch"``, the default). This deviates from the K-BFGS paper's KFAC code, which starts the
+   factors from zero and applies the average from the first batch on (:math:`A_0 = (1-\beta)A_{batch}`,
+   0.1·A_batch for the default :math:`\beta`) when it makes no initialisation pass: ``factor_init="zero"``;
 4. when :math:`k \bmod T = 0` or :math:`k \le T` (``inv_every`` :math:`T`, the code's rule), refresh
    :math:`(A + \delta_A I)^{-1}` and :math:`(G + \delta_G I)^{-1}` from the *updated* factors;
 5. direction :math:`P = (G + \delta_G I)^{-1}\, M\, (A + \delta_A I)^{-1}`, optional KL clipping
@@ -32,7 +35,7 @@ Damping (``damping`` :math:`\lambda`, Tikhonov, split between the two factors):
 Inverses: ``inverse="cholesky"`` (default) factors :math:`F + \delta I` with ``torch.linalg.cholesky_ex`` and
 inverts with ``cholesky_inverse``; ``"eigh"`` keeps :math:`F = Q\,\mathrm{diag}(e)\,Q^\top` (eigenvalues clamped
 at 0) and the elementwise scaling :math:`1/((e_G+\delta_G)(e_A+\delta_A)^\top)`. A factorisation that fails
-(singular or indefinite :math:`F + \delta I`, e.g. ``damping=0``) is retried with jitter
+(singular or indefinite :math:`F + \delta I`, e.g. a damping of 0 written into ``param_groups``) is retried with jitter
 :math:`\delta + s\sqrt{\varepsilon}\cdot\{1, 10^3, 10^6\}` (:math:`s` = mean :math:`|F_{ii}|`), then replaced by
 the PSD projection :math:`Q\,\mathrm{diag}(1/(\max(e, 0) + \delta'))\,Q^\top`; if even that fails the previous
 inverse is kept. Each case is counted (:meth:`KFAC.counters`: ``jitter_fallbacks``, ``psd_fallbacks``,
@@ -77,6 +80,19 @@ Fisher (``fisher``):
   smaller by the number of outputs per sample, which only rescales ``lr`` relative to ``damping``. Targets
   are drawn from the optimizer's own ``torch.Generator`` (``seed``), saved in the state dict.
 
+Loss reduction (``loss_reduction``). The factors are those of the loss the closure returns. With
+``"mean"`` (default) it is a batch mean, :math:`L = \frac1N\sum_n\ell_n`, and the rows
+:math:`g_i = N\,\partial L/\partial h_i` are per-sample gradients. With ``"sum"``, :math:`L = \sum_n\ell_n`,
+whose Fisher is :math:`N` times the mean's: the captured rows are then :math:`N` times the per-sample
+gradients, and :math:`G` is divided by :math:`N` (for the sampled Fisher with a built-in ``likelihood``,
+whose :math:`\tilde L` is a mean, multiplied by :math:`N`), so :math:`G_{sum} = N\,G_{mean}` and as the
+damping goes to 0 the step is the same for either reduction. A summed loss declared as ``"mean"`` makes
+:math:`G` :math:`N^2` times too large and the step about :math:`N` times too small (measured: 1024 at
+:math:`N = 32`); when the closure returns a torch loss whose reduction autograd records
+(:func:`fastcurv.losses.reduction_of`, e.g. ``F.cross_entropy(..., reduction="sum")``) a mismatch raises
+``ValueError``; otherwise (a division after the loss, a user-written loss) it cannot be read, so set it. :math:`N` is this
+process's number of samples in the step.
+
 Compile: hyperparameters are 0-d tensors (``torch.optim.lr_scheduler`` works, no recompiles). The step is
 three compiled functions (``torch.compile(fullgraph=True)`` when ``compile`` is on): the finiteness check (one
 bool vector, one host sync per step), (momentum + factor EMA) and (direction + KL clip + parameter update);
@@ -103,16 +119,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcurv import losses as _losses
 from fastcurv.capture import Capture, LayerStats
-from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
+from fastcurv.optim._base import Closure, CurvatureOptimizer, Open, maybe_compile
 
 __all__ = ["KFAC"]
 
 _FISHERS = ("empirical", "sampled")
-_LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+_LIKELIHOODS = _losses.LIKELIHOODS
 _SPLITS = ("sqrt", "pi", "exact")
 _INVERSES = ("cholesky", "eigh")
 _JITTERS = (1.0, 1e3, 1e6)  # multiples of s·sqrt(eps) tried after a failed Cholesky
@@ -237,10 +253,10 @@ class KFAC(CurvatureOptimizer):
     Args:
         model: the model (its Linear/Conv2d layers are captured by class swap, see :mod:`fastcurv.capture`).
         lr: step size :math:`\eta` (default 1, the K-BFGS Demo's tuned KFAC value).
-        damping: Tikhonov :math:`\lambda \ge 0` (default 3, Demo); split by ``damping_split``.
+        damping: Tikhonov :math:`\lambda > 0` (default 3, Demo); split by ``damping_split``.
         momentum: :math:`\rho \in [0, 1)` of the EMA-form momentum (default 0.9).
         weight_decay: L2 coefficient :math:`\tau` added to the gradient (default 1e-5, the code's).
-        stat_decay: factor EMA :math:`\beta \in [0, 1]` (default 0.9, the code's ``kfac_rho``).
+        stat_decay: factor EMA :math:`\beta \in [0, 1)` (default 0.9, the code's ``kfac_rho``).
         inv_every: inverse period :math:`T \ge 1` (default 20); inverses are refreshed at step k when
             ``k % T == 0 or k <= T``.
         fisher: ``"empirical"`` (default) or ``"sampled"`` (needs ``likelihood`` and a closure returning
@@ -254,17 +270,24 @@ class KFAC(CurvatureOptimizer):
             bf16/fp16 parameters).
         layers: restrict preconditioning to these modules (or qualified names); default every supported layer.
         seed: seed of the generator used for sampled targets (default: drawn from the global RNG).
+        loss_reduction: ``"mean"`` (default) or ``"sum"``: how the closure's loss reduces over the batch (see
+            *Loss reduction* in the module docstring; a summed loss declared as a mean takes steps about
+            :math:`N` times too small).
+        factor_init: the factors before the first update when :meth:`warm_start` was not called:
+            ``"batch"`` (default: the first update sets them to the batch statistics) or ``"zero"`` (they start
+            at zero and the first update is the usual average, :math:`A = (1-\beta)A_{batch}`: the K-BFGS
+            paper's KFAC code without its initialisation pass).
         fallback, fallback_lr, on_nonfinite, compile, distributed, process_group: see
             :class:`~fastcurv.optim._base.CurvatureOptimizer`.
     """
 
     hyperparameters = {
         "lr": (0.0, None),
-        "damping": (0.0, None),
-        "momentum": (0.0, 1.0),
+        "damping": (Open(0.0), None),  # 0: singular factors, unbounded steps
+        "momentum": (0.0, Open(1.0)),  # 1: the momentum never leaves 0
         "weight_decay": (0.0, None),
-        "stat_decay": (0.0, 1.0),
-        "kl_clip": (0.0, None),
+        "stat_decay": (0.0, Open(1.0)),  # 1: the factors never see the data
+        "kl_clip": (Open(0.0), None),
     }
     _supports_scaler = True
     _supports_distributed = True
@@ -287,6 +310,8 @@ class KFAC(CurvatureOptimizer):
         factor_dtype: torch.dtype | None = None,
         layers: Iterable[nn.Module | str] | None = None,
         seed: int | None = None,
+        loss_reduction: str = "mean",
+        factor_init: str = "batch",
         fallback: str = "sgd",
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
@@ -298,6 +323,10 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"inv_every must be an int >= 1, got {inv_every!r}")
         if fisher not in _FISHERS:
             raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if factor_init not in ("batch", "zero"):
+            raise ValueError(f"factor_init must be 'batch' or 'zero', got {factor_init!r}")
         if fisher == "sampled":
             if likelihood is None:
                 raise ValueError(
@@ -348,12 +377,10 @@ class KFAC(CurvatureOptimizer):
             process_group=process_group,
         )
         g = self.param_groups[0]
-        if float(g["momentum"]) >= 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {float(g['momentum'])}")
-        if kl_clip is not None and float(g["kl_clip"]) <= 0.0:
-            raise ValueError(f"kl_clip must be > 0 (or None to turn clipping off), got {float(g['kl_clip'])}")
 
         self.inv_every = inv_every
+        self.factor_init = factor_init
+        self.loss_reduction = loss_reduction
         self.fisher = fisher
         self.likelihood = likelihood
         self.damping_split = damping_split
@@ -441,20 +468,9 @@ class KFAC(CurvatureOptimizer):
             raise TypeError(
                 "fisher='sampled': the closure's output must be the model output, a tensor with a batch dim"
             )
-        z, n = output, output.shape[0]
-        zd = z.detach()
-        if lik == "categorical":
-            if z.dim() < 2:
-                raise ValueError(f"likelihood='categorical' needs logits (N, C, ...), got shape {tuple(z.shape)}")
-            c = z.shape[1]
-            probs = torch.softmax(zd if zd.dtype == torch.float64 else zd.float(), dim=1).movedim(1, -1).reshape(-1, c)
-            t = torch.multinomial(probs, 1, generator=self._gen).reshape(zd.movedim(1, -1).shape[:-1])
-            return F.cross_entropy(z, t, reduction="sum") / n
-        if lik == "bernoulli":
-            t = torch.bernoulli(torch.sigmoid(zd), generator=self._gen)
-            return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / n
-        t = zd + torch.randn(zd.shape, generator=self._gen, dtype=zd.dtype, device=zd.device)
-        return 0.5 * (z - t).pow(2).sum() / n
+        # a non-finite output is sampled as if it were 0 (torch.bernoulli/multinomial would raise); the sampled
+        # loss and G stay non-finite, so the step is skipped like any other non-finite statistic
+        return _losses.nll(lik, output, _losses.sample_targets(lik, output, self._gen))
 
     def _forward_backward(self, closure: Closure) -> Tensor:
         """Zero grads and statistics, run the closure, backpropagate the loss (and, for the sampled Fisher,
@@ -477,6 +493,12 @@ class KFAC(CurvatureOptimizer):
                     f"{type(out).__name__}{shape}"
                 )
             loss = out
+            red = _losses.reduction_of(loss)
+            if red is not None and red != self.loss_reduction:  # a wrong declaration would rescale the step by N
+                raise ValueError(
+                    f"KFAC: the closure's loss was reduced with reduction={red!r} but loss_reduction="
+                    f"{self.loss_reduction!r}; pass KFAC(..., loss_reduction={red!r})"
+                )
             already = any(p.grad is not None for p in self.param_groups[0]["params"])
             if self.fisher == "empirical":
                 if not already and loss.requires_grad:
@@ -522,6 +544,11 @@ class KFAC(CurvatureOptimizer):
             for lay in layers:
                 lay.stats.G.mul_(inv * inv)
                 lay.stats.g_mean.mul_(inv)
+        if self.loss_reduction == "sum":  # G of the summed loss: N times the batch mean's (module doc)
+            sampled = self.fisher == "sampled" and not callable(self.likelihood)
+            for lay in layers:
+                n = lay.stats.n_s.clamp(min=1).to(lay.stats.G.dtype)
+                lay.stats.G.mul_(n) if sampled else lay.stats.G.div_(n)
         if self._comm is not None and layers:
             sts = [lay.stats for lay in layers]
             self._comm.weighted_mean_(
@@ -796,7 +823,8 @@ class KFAC(CurvatureOptimizer):
                 torch._foreach_zero_(self._state_tensors(lay)[2:])
         g = self.param_groups[0]
         if layers:
-            beta = g["stat_decay"] if self._counters["factor_updates"] > 0 else self._zero
+            first = self._counters["factor_updates"] == 0 and self.factor_init == "batch"
+            beta = self._zero if first else g["stat_decay"]
             st = [self.state[lay.weight] for lay in layers]
             self._stats_fn(
                 [lay.weight for lay in layers],

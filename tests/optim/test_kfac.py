@@ -537,7 +537,8 @@ def test_singular_factor_uses_jitter_fallback():
     model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).to(D64)
     x, y = _data(16, d_out=3)
     x[:, :2] = 0.0  # A of the first layer has two zero rows: singular with damping 0
-    opt = KFAC(model, lr=0.1, damping=0.0)
+    opt = KFAC(model, lr=0.1, damping=1.0)
+    opt.param_groups[0]["damping"].fill_(0.0)  # construction rejects 0; a schedule may still write it
     for _ in range(3):
         opt.step(lambda: _bce(model(x), y))
     c = opt.counters()
@@ -737,3 +738,97 @@ def test_compiled_model_gives_the_same_steps():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
     for a, b in zip(_state_tensors(o1).values(), _state_tensors(o2).values()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_sampled_fisher_skips_a_step_whose_output_is_not_finite(likelihood):
+    """A diverged model (NaN logits) under the sampled Fisher: the targets are not drawn from NaN
+    probabilities (torch.bernoulli/multinomial raised), the step is skipped with the state unchanged."""
+    model = _small()
+    opt = KFAC(model, lr=0.5, damping=0.1, fisher="sampled", likelihood=likelihood, seed=2)
+    x, y = _data(16, d_out=3)
+
+    def closure(inputs):
+        def run():
+            out = model(inputs)
+            return _bce(out, y), out
+
+        return run
+
+    opt.step(closure(x))
+    snap, counters = _snapshot(model, opt), opt.counters()
+    xb = x.clone()
+    xb[3, 1] = float("nan")
+    opt.step(closure(xb))
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == counters["skipped_steps"] + 1 and opt.steps == counters["steps"]
+    opt.step(closure(x))
+    assert opt.steps == counters["steps"] + 1
+
+
+def test_factor_init_zero_is_the_official_codes_first_average():
+    """factor_init="zero": the factors start at 0 and the first update is the usual EMA, A₁ = (1 − β)·A_batch
+    (the K-BFGS paper's KFAC code without an initialisation pass); the default sets A₁ = A_batch."""
+    x, y = _data(16, d_out=3)
+    factors = {}
+    for init in ("batch", "zero"):
+        model = _small()
+        opt = KFAC(model, lr=0.1, damping=0.1, stat_decay=0.8, factor_init=init)
+        opt.step(lambda: _bce(model(x), y))
+        factors[init] = {k: v for k, v in _state_tensors(opt).items() if k[-1] in ("A", "G")}
+    assert factors["batch"].keys() == factors["zero"].keys() and factors["batch"]
+    for k, v in factors["batch"].items():
+        torch.testing.assert_close(factors["zero"][k], 0.2 * v, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="factor_init"):
+        KFAC(_small(), factor_init="identity")
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_loss_reduction_sum_gives_the_fisher_of_the_summed_loss(fisher):
+    """A summed loss declared as such: G = N·G(mean) (the Fisher of Σℓ_n) and, as damping → 0, the same step
+    as the mean loss; declared as a mean, G is N² times G(mean) and the step about N times smaller."""
+    x, y = _data(32, d_out=3)
+    n = x.shape[0]
+    kw = dict(lr=1.0, damping=1e-18, weight_decay=0.0, momentum=0.0, inv_every=1)
+    if fisher == "sampled":
+        kw.update(fisher="sampled", likelihood="bernoulli", seed=4)
+    runs = {}
+    for name, reduction, scale in [("mean", "mean", 1.0), ("sum", "sum", n), ("sum-as-mean", "mean", n)]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(D64)
+        for lin in (model[0], model[2]):
+            nn.init.normal_(lin.weight, std=0.5)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = KFAC(model, loss_reduction=reduction, **kw)
+
+        def closure():
+            out = model(x)
+            loss = _bce(out, y) * scale
+            return (loss, out) if fisher == "sampled" else loss
+
+        opt.step(closure)
+        G = [opt.state[lin.weight]["G"].clone() for lin in (model[0], model[2])]
+        runs[name] = (G, [p.detach() - b for p, b in zip(model.parameters(), before)])
+    for gm, gs, gw in zip(runs["mean"][0], runs["sum"][0], runs["sum-as-mean"][0]):
+        torch.testing.assert_close(gs, n * gm, rtol=1e-12, atol=0)
+        if fisher == "empirical":
+            torch.testing.assert_close(gw, n * n * gm, rtol=1e-12, atol=0)
+    for dm, ds in zip(runs["mean"][1], runs["sum"][1]):
+        torch.testing.assert_close(ds, dm, rtol=1e-5, atol=1e-12)
+    if fisher == "empirical":
+        ratio = runs["mean"][1][0].norm() / runs["sum-as-mean"][1][0].norm()
+        assert 0.5 * n < ratio < 2 * n
+    with pytest.raises(ValueError, match="loss_reduction"):
+        KFAC(_small(), loss_reduction="batchmean")
+
+
+def test_a_readable_loss_reduction_that_contradicts_the_declared_one_raises():
+    model = _small()
+    x, y = _data(8, d_out=3)
+    opt = KFAC(model)
+    params, state = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="loss_reduction='sum'"):
+        opt.step(lambda: F.binary_cross_entropy_with_logits(model(x), y, reduction="sum"))
+    _assert_unchanged(model, opt, (params, state))
+    model = _small()
+    KFAC(model, loss_reduction="sum").step(lambda: F.binary_cross_entropy_with_logits(model(x), y, reduction="sum"))
