@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train each optimizer on the same deep autoencoder from the same initialisation, on the same "
             "minibatch order, under the same training-clock budget; print a table and write "
-            "compare-<problem>.png/.json/.txt to --out. See fastcurv/compare.py for the protocol, the "
+            "compare-<problem>.png/.json/.txt to --out. See docs/compare.md for the protocol, the "
             "default hyperparameters and the JSON schema."
         ),
     )

@@ -1,4 +1,4 @@
-"""End-to-end tests of ``fastcurv compare`` / ``fastcurv plot`` (fastcurv.cli + fastcurv.compare).
+"""End-to-end tests of ``fastcurv compare`` / ``fastcurv plot`` (fastcurv.cli + the fastcurv.compare package).
 
 Runs are tiny (digits or a shrunken CURVES, a few steps bounded by ``--max-steps`` with a generous time
 budget, so they do not depend on the machine's speed). No timing is asserted.
@@ -217,9 +217,9 @@ def test_time_to_target_interpolation() -> None:
 
 def test_data_order_is_seeded_and_covers_each_epoch() -> None:
     x = torch.arange(10.0).unsqueeze(1)
-    a = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=5), range(6))]
-    b = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=5), range(6))]
-    c = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=6), range(6))]
+    a = [b.squeeze(1).tolist() for b, _ in zip(cmp.runner._Batches(x, 3, seed=5), range(6))]
+    b = [b.squeeze(1).tolist() for b, _ in zip(cmp.runner._Batches(x, 3, seed=5), range(6))]
+    c = [b.squeeze(1).tolist() for b, _ in zip(cmp.runner._Batches(x, 3, seed=6), range(6))]
     assert a == b and a != c
     epoch = sorted(v for batch in a[:3] for v in batch)  # 3 batches of 3 per epoch, last partial one dropped
     assert len(set(epoch)) == 9 and all(len(batch) == 3 for batch in a)
@@ -290,7 +290,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- defaults and guards
 def test_curves_defaults_come_from_the_sweep_and_other_problems_keep_the_papers() -> None:
-    """CURVES gets the swept defaults (module docstring of fastcurv.compare); digits keeps the paper's / torch's."""
+    """CURVES gets the swept defaults (docs/compare.md); digits keeps the paper's / torch's."""
     curves = load_problem("curves", n_train=8, n_test=4)
     digits = load_problem("digits", n_train=8, n_test=4)
     for name, kw in cmp.CURVES_DEFAULTS.items():
@@ -302,7 +302,7 @@ def test_curves_defaults_come_from_the_sweep_and_other_problems_keep_the_papers(
 
 def test_too_slow_optimizer_is_skipped_and_failed_reference_gives_no_target(monkeypatch: pytest.MonkeyPatch) -> None:
     problem = load_problem("digits", n_train=60, n_test=20)
-    monkeypatch.setattr(cmp, "EXACT_NEWTON_SECONDS_PER_UNIT", 1.0)  # every exact-newton step "takes" ages
+    monkeypatch.setattr(cmp.registry, "EXACT_NEWTON_SECONDS_PER_UNIT", 1.0)  # every exact-newton step "takes" ages
     monkeypatch.setitem(cmp.REGISTRY, "big-opt", cmp.OptimizerEntry("big-opt", f"{__name__}:_BlowUpOptimizer", "t"))
     cfg = cmp.CompareConfig(optimizers=["big-opt", "exact-newton"], budget_seconds=300, max_steps=3, batch_size=20,
                             warmup_steps=0, n_evals=1, progress=False)
