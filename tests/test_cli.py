@@ -247,6 +247,15 @@ BAD = {
     "setting for unselected optimizer": (["--optimizers", "adam", "--set", "kfac.lr=1"], "kfac"),
     "n-train too large": (["--problem", "digits", "--n-train", "5000"], "n_train"),
     "unavailable optimizer": (["--optimizers", "newton-cg"], "not available"),
+    "dotted path, no such class": (["--optimizers", "adam,torch.optim.AdamX"],
+                                   "argument --optimizers: optimizer 'torch.optim.AdamX': module torch.optim has no"),
+    "dotted path, no such module": (["--optimizers", "nosuchpkg.Opt"],
+                                    "argument --optimizers: optimizer 'nosuchpkg.Opt'"),
+    "dotted path, not an optimizer": (["--optimizers", "torch.nn.Linear"], "'torch.nn.Linear' is not an optimizer"),
+    "setting for a dotted path, unknown key": (
+        ["--optimizers", "torch.optim.AdamW", "--set", "torch.optim.AdamW.lrr=1"],
+        "argument --set: torch.optim.AdamW has no argument 'lrr'",
+    ),
     "unknown command": (None, "invalid choice"),
 }
 
@@ -313,3 +322,91 @@ def test_too_slow_optimizer_is_skipped_and_failed_reference_gives_no_target(monk
     assert res["target_train_loss"] is None and big["time_to_target"] is None  # a blown-up run sets no target
     table = cmp.format_table(json.loads(json.dumps(res, allow_nan=False)))
     assert "skipped" in table and "exact-newton" in table
+
+
+# ---------------------------------------------------------------------------------------------- peers and dotted paths
+def _tiny_run(names: list[str], overrides: dict | None = None, problem: str = "digits") -> dict:
+    prob = load_problem(problem, n_train=120, n_test=40)
+    cfg = cmp.CompareConfig(optimizers=names, budget_seconds=300, max_steps=3, batch_size=40, warmup_steps=1,
+                            n_evals=1, overrides=overrides or {}, progress=False)
+    return cmp.run_comparison(prob, cfg)
+
+
+def test_dotted_paths_build_any_optimizer_class_and_registry_classes_as_their_entry() -> None:
+    """A dotted path naming a registry entry's class runs exactly as that entry (same defaults, same curve); any
+    other optimizer class is built from model.parameters(); --set-style overrides reach it by its path."""
+    res = _tiny_run(["adam", "torch.optim.Adam", "torch.optim.SGD"], {"torch.optim.SGD": {"lr": 0.05}})
+    adam, dotted_adam, sgd = res["optimizers"]
+    assert [r["status"] for r in res["optimizers"]] == ["ok"] * 3
+    assert dotted_adam["name"] == "torch.optim.Adam" and dotted_adam["class"] == "torch.optim.Adam"
+    assert dotted_adam["curve"]["train_loss"] == adam["curve"]["train_loss"]
+    assert dotted_adam["hyperparameters"]["lr"] == adam["hyperparameters"]["lr"]
+    assert sgd["class"] == "torch.optim.SGD" and sgd["hyperparameters"]["lr"] == pytest.approx(0.05)
+    assert sgd["curve"]["train_loss"][0] == adam["curve"]["train_loss"][0]  # same init, same first minibatch
+    assert sgd["curve"]["train_loss"] != adam["curve"]["train_loss"]
+
+
+def test_dotted_path_cli_with_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["compare", "--problem", "digits", "--n-train", "120", "--n-test", "40", "--batch-size", "40",
+                   "--optimizers", "adam,torch.optim.AdamW", "--set", "torch.optim.AdamW.lr=0.01", "--no-progress",
+                   "--out", str(tmp_path), *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0
+    res = _check_outputs(tmp_path, "digits", ["adam", "torch.optim.AdamW"])
+    adamw = res["optimizers"][1]
+    assert adamw["status"] == "ok" and adamw["hyperparameters"]["lr"] == pytest.approx(0.01)
+    assert any(ln.startswith("torch.optim.AdamW") for ln in out.splitlines())
+
+
+def test_dotted_setting_parses_at_the_last_dot() -> None:
+    assert cli._setting("heavyball.SOAP.lr=3e-3") == ("heavyball.SOAP", "lr", 3e-3)
+    assert cli._setting("KFAC.damping=1") == ("kfac", "damping", 1)  # registry names are case-insensitive
+
+
+def test_adamw_on_curves_uses_adams_swept_lr() -> None:
+    curves = load_problem("curves", n_train=8, n_test=4)
+    entry, _ = cmp.resolve("torch.optim.AdamW")
+    assert entry.name == "torch.optim.AdamW" and entry.defaults(curves) == {"lr": 3e-3, "weight_decay": 1e-2}
+
+
+def test_without_heavyball_the_peers_are_left_out_of_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "heavyball", None)  # import heavyball -> ImportError
+    names = cmp.default_optimizers()
+    assert "soap" not in names and "psgd" not in names and names[0] == "adam"
+    with pytest.raises(cmp.CompareError, match=r"not available.*fastcurv\[peers\]"):
+        cmp.resolve("soap")
+    with pytest.raises(cmp.CompareError, match="heavyball.SOAP"):
+        cmp.resolve("heavyball.SOAP")
+
+
+def test_heavyball_peers_run_with_the_same_protocol() -> None:
+    """SOAP and PSGD are in the default selection right after Adam, run uncompiled on the CPU (compile="auto"),
+    and heavyball.SOAP by dotted path is the registry's soap. Skipped when heavyball is not installed."""
+    hb_utils = pytest.importorskip("heavyball.utils")
+    assert cmp.default_optimizers()[:3] == ["adam", "soap", "psgd"]
+    mode = hb_utils.compile_mode
+    res = _tiny_run(["adam", "soap", "psgd", "heavyball.SOAP"], problem="curves")
+    assert hb_utils.compile_mode == mode  # the compile switch restores heavyball's global setting
+    recs = {r["name"]: r for r in res["optimizers"]}
+    for name, cls in (("soap", "heavyball.SOAP"), ("psgd", "heavyball.PSGDKron"), ("heavyball.SOAP", "heavyball.SOAP")):
+        r = recs[name]
+        assert r["status"] == "ok" and r["steps"] == 3, (name, r["error"])
+        assert r["class"] == cls and r["hyperparameters"]["compile"] is False
+        assert r["curve"]["train_loss"][0] == recs["adam"]["curve"]["train_loss"][0]
+    assert recs["soap"]["hyperparameters"]["lr"] == pytest.approx(1e-2)  # the CURVES default
+    assert recs["psgd"]["hyperparameters"]["lr"] == pytest.approx(cmp.CURVES_DEFAULTS["psgd"]["lr"])
+    assert recs["heavyball.SOAP"]["curve"]["train_loss"] == recs["soap"]["curve"]["train_loss"]
+
+
+def test_settings_of_optimizers_built_from_parameters_are_checked_before_training() -> None:
+    cfg = cmp.CompareConfig(optimizers=["torch.optim.SGD"], overrides={"torch.optim.SGD": {"lr": -1.0}})
+    with pytest.raises(cmp.CompareError, match="torch.optim.SGD: bad setting: ValueError: Invalid learning rate"):
+        cfg.validate()
+
+
+def test_heavyball_compile_setting_is_checked_before_training() -> None:
+    pytest.importorskip("heavyball")
+    cfg = cmp.CompareConfig(optimizers=["soap"], overrides={"soap": {"compile": "maybe"}})
+    with pytest.raises(cmp.CompareError, match="soap.compile must be True, False or 'auto'"):
+        cfg.validate()
+    cmp.CompareConfig(optimizers=["soap"], overrides={"soap": {"compile": True, "lr": 1e-3}}).validate()

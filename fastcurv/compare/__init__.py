@@ -8,6 +8,7 @@ grids and the JSON schema are documented in docs/compare.md.
 Modules, one job each:
 
 * :mod:`~fastcurv.compare.registry` — the optimizers the comparison knows and how each is built;
+* :mod:`~fastcurv.compare.peers` — optimizers from outside fastcurv: dotted paths, heavyball's compile switch;
 * :mod:`~fastcurv.compare.config` — :class:`CompareConfig`, the settings of one comparison;
 * :mod:`~fastcurv.compare.runner` — one optimizer's timed run (data order, clock, evaluations, divergence);
 * :mod:`~fastcurv.compare.targets` — time to a target loss from a run's evaluations;
@@ -27,6 +28,7 @@ from fastcurv.compare.registry import (
     OptimizerEntry,
     available_optimizers,
     default_optimizers,
+    normalize_name,
     resolve,
 )
 from fastcurv.compare.report import format_table, plot
@@ -49,6 +51,7 @@ __all__ = [
     "OptimizerEntry",
     "available_optimizers",
     "default_optimizers",
+    "normalize_name",
     "format_table",
     "plot",
     "resolve",

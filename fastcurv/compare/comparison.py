@@ -14,7 +14,7 @@ import torch
 
 from fastcurv.compare.config import CompareConfig
 from fastcurv.compare.errors import CompareError
-from fastcurv.compare.registry import OptimizerEntry, default_optimizers, resolve
+from fastcurv.compare.registry import OptimizerEntry, default_optimizers, normalize_name, resolve
 from fastcurv.compare.runner import Runner
 from fastcurv.compare.schema import SCHEMA_VERSION, finite_or_none
 from fastcurv.compare.targets import time_to_target
@@ -23,13 +23,17 @@ from fastcurv.data import Problem
 __all__ = ["run_comparison"]
 
 
-def _grid(entry: OptimizerEntry, cls: type) -> list[dict[str, Any]]:
+def _grid(entry: OptimizerEntry, cls: type, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entry's ``--tune`` grid; without one, lr x {1/3, 1, 3} of its default lr (``base``, else the
+    class's), or the defaults alone when there is no lr."""
     if entry.grid is not None:
         return [dict(g) for g in entry.grid]
-    try:
-        lr = inspect.signature(cls).parameters["lr"].default
-    except (KeyError, TypeError, ValueError):
-        return [{}]
+    lr = base.get("lr")
+    if lr is None:
+        try:
+            lr = inspect.signature(cls).parameters["lr"].default
+        except (KeyError, TypeError, ValueError):
+            return [{}]
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         return [{}]
     return [{"lr": lr / 3}, {"lr": float(lr)}, {"lr": lr * 3}]
@@ -73,7 +77,7 @@ def run_comparison(problem: Problem, cfg: CompareConfig, *, data_source: str | N
         CompareError: a bad setting or an unavailable optimizer (checked before any training).
     """
     cfg.validate()
-    names = [n.strip().lower() for n in (cfg.optimizers or default_optimizers())]
+    names = list(dict.fromkeys(normalize_name(n) for n in (cfg.optimizers or default_optimizers())))
     if not names:
         raise CompareError("no optimizer is available")
     resolved = [resolve(n) for n in names]
@@ -97,7 +101,7 @@ def run_comparison(problem: Problem, cfg: CompareConfig, *, data_source: str | N
     records = []
     for entry, cls in resolved:
         base = {**entry.defaults(problem)}
-        user = cfg.overrides.get(entry.name, {})
+        user = {k: v for name, kw in cfg.overrides.items() if normalize_name(name) == entry.name for k, v in kw.items()}
         tuning = None
         chosen: dict[str, Any] = {}
         est = entry.step_seconds(problem, batch, dev) if entry.step_seconds is not None else None
@@ -111,7 +115,7 @@ def run_comparison(problem: Problem, cfg: CompareConfig, *, data_source: str | N
         if cfg.tune:
             tuning = []
             seen: list[dict[str, Any]] = []
-            for point in _grid(entry, cls):
+            for point in _grid(entry, cls, base):
                 kw = {**base, **point, **user}
                 if kw in seen:
                     continue

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from fastcurv.compare.errors import CompareError
-from fastcurv.compare.registry import accepted_kwargs, resolve
+from fastcurv.compare.errors import CompareError, one_line
+from fastcurv.compare.registry import OptimizerEntry, entry_arguments, normalize_name, resolve
 
 __all__ = ["DEFAULT_BUDGET_SECONDS", "CompareConfig"]
 
@@ -22,7 +22,8 @@ class CompareConfig:
     """Settings of one comparison (their meaning in the protocol: docs/compare.md).
 
     Attributes:
-        optimizers: registry names, in run order (``None``: :func:`~fastcurv.compare.default_optimizers`).
+        optimizers: registry names or dotted paths to optimizer classes, in run order (``None``:
+            :func:`~fastcurv.compare.default_optimizers`).
         budget_seconds: training-clock budget per optimizer (> 0).
         max_steps: optional cap on the steps per optimizer.
         batch_size: minibatch rows (clamped to ``n_train``).
@@ -35,7 +36,8 @@ class CompareConfig:
             compiled graphs are built at steps 1 and 2, and 1 on CPU).
         tune: run the grid first and keep the best point.
         tune_seconds: budget of each grid point (``None``: a quarter of ``budget_seconds``).
-        overrides: ``{name: {kwarg: value}}`` applied on top of defaults and grid points.
+        overrides: ``{name: {kwarg: value}}`` applied on top of defaults and grid points (``compile`` for
+            heavyball optimizers: ``True``, ``False`` or ``"auto"``, see docs/compare.md).
         progress: show one tqdm bar per run (on stderr).
         command: argv recorded in the JSON.
     """
@@ -86,13 +88,33 @@ class CompareConfig:
         if self.optimizers is not None:
             if not self.optimizers:
                 raise CompareError("no optimizer selected")
-            for name in self.optimizers:
-                resolve(name)
+            names = [normalize_name(n) for n in self.optimizers]
+            resolved = {n: resolve(n) for n in names}
             for name, kw in self.overrides.items():
-                if name not in self.optimizers:
+                key = normalize_name(name)
+                if key not in resolved:
                     raise CompareError(f"a setting names optimizer {name!r}, which is not in the selection "
-                                       f"{','.join(self.optimizers)}")
-                accepted = accepted_kwargs(resolve(name)[1])
-                for key in kw:
-                    if accepted is not None and key not in accepted:
-                        raise CompareError(f"{name} has no argument {key!r}; its arguments: {', '.join(accepted)}")
+                                       f"{','.join(names)}")
+                entry, cls = resolved[key]
+                accepted = entry_arguments(entry, cls)
+                for k in kw:
+                    if accepted is not None and k not in accepted:
+                        raise CompareError(f"{name} has no argument {k!r}; its arguments: {', '.join(accepted)}")
+                _check_peer_arguments(key, entry, cls, kw)
+
+
+def _check_peer_arguments(name: str, entry: OptimizerEntry, cls: type, kw: dict[str, Any]) -> None:
+    """Settings of an optimizer built from parameters, checked before any training: ``compile`` (for an
+    entry with a compile switch) and the rest by a trial construction on one dummy parameter (the
+    constructor's own checks: torch.optim's value ranges, heavyball's unknown keywords)."""
+    kw = dict(kw)
+    if entry.compile_switch is not None and "compile" in kw:
+        if kw["compile"] not in (True, False, "auto"):
+            raise CompareError(f"{name}.compile must be True, False or 'auto', got {kw['compile']!r}")
+        del kw["compile"]
+    if not (entry.from_params or entry.is_torch):
+        return
+    try:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], **kw)
+    except (TypeError, ValueError) as e:
+        raise CompareError(f"{name}: bad setting: {one_line(e)}") from None

@@ -1,11 +1,14 @@
-"""The optimizers ``fastcurv compare`` knows: how each is built, its default hyperparameters and grid.
+"""The optimizers ``fastcurv compare`` knows: how each is built, its default hyperparameters and grid, and the
+resolution of a name (a registry name or a dotted path to any optimizer class, :mod:`fastcurv.compare.peers`).
 
-The defaults, the grids of ``--tune`` and the sweep that chose the CURVES values are documented in
+The defaults, the grids of ``--tune`` and the sweeps that chose the CURVES values are documented in
 docs/compare.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import inspect
 import itertools
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fastcurv.compare import peers
 from fastcurv.compare.errors import CompareError, one_line
 from fastcurv.data import Problem
 
@@ -26,8 +30,13 @@ __all__ = [
     "accepted_kwargs",
     "available_optimizers",
     "default_optimizers",
+    "entry_arguments",
+    "normalize_name",
     "resolve",
 ]
+
+#: heavyball PSGDKron's learning rate on CURVES (docs/compare.md, "Peers")
+PSGD_LR = 3e-3
 
 #: :func:`_exact_newton_seconds`: CPU seconds per unit of N * sum(d_out^3) (measured on CURVES, 1 thread)
 EXACT_NEWTON_SECONDS_PER_UNIT = 1.4e-10
@@ -38,7 +47,7 @@ class OptimizerEntry:
     """How to build one optimizer of the comparison.
 
     Attributes:
-        name: registry name (lower case, e.g. ``"kbfgs"``).
+        name: registry name (lower case, e.g. ``"kbfgs"``), or the dotted path it was selected by.
         target: ``"module:Class"``, imported lazily by :func:`resolve`.
         summary: one line for ``--help`` and the README.
         defaults: ``problem -> constructor keyword arguments`` (the documented defaults).
@@ -52,6 +61,13 @@ class OptimizerEntry:
         step_seconds: ``(problem, batch_size, device) -> float | None``, a rough *lower* estimate of one step's
             time; when it exceeds the budget the optimizer is not run (status ``"skipped"``), because a single
             step would overrun the whole budget (``None``: no estimate).
+        from_params: built from ``model.parameters()`` and stepped as ``zero_grad(); closure().backward();
+            step()`` (torch.optim and other first-order optimizers) instead of built from the model and
+            stepped with the closure (fastcurv optimizers).
+        compile_switch: ``enabled -> context manager`` for optimizers with a global compile setting
+            (heavyball): construction and every step run inside it. Such an optimizer takes the extra argument
+            ``compile`` (``True``, ``False`` or ``"auto"``, the default: compile on CUDA only, as fastcurv's
+            optimizers do); it is consumed here, never passed to the constructor.
     """
 
     name: str
@@ -63,6 +79,8 @@ class OptimizerEntry:
     loss_arg: Callable[[Problem], Any] | None = None
     batch_step: bool = False
     step_seconds: Callable[[Problem, int, torch.device], float | None] | None = None
+    from_params: bool = False
+    compile_switch: Callable[[bool], contextlib.AbstractContextManager[Any]] | None = None
 
     @property
     def is_torch(self) -> bool:
@@ -74,6 +92,9 @@ class OptimizerEntry:
 #: paper's / torch's values): ``{registry name: constructor kwargs}``.
 CURVES_DEFAULTS: dict[str, dict[str, Any]] = {
     "adam": {"lr": 3e-3},
+    "adamw": {"lr": 3e-3, "weight_decay": 1e-2},
+    "soap": {"lr": 1e-2},
+    "psgd": {"lr": PSGD_LR},
     "kbfgs": {"lr": 0.3, "damping": 0.7},
     "kbfgsl": {"lr": 0.3, "damping": 0.7},
 }
@@ -107,9 +128,17 @@ REGISTRY: dict[str, OptimizerEntry] = {
     e.name: e
     for e in (
         OptimizerEntry("adam", "torch.optim:Adam", "torch.optim.Adam, lr 3e-3 on curves (swept), else 1e-3",
-                       _on_curves("adam", {"lr": 1e-3}), _product(lr=(3e-4, 1e-3, 3e-3))),
-        OptimizerEntry("adamw", "torch.optim:AdamW", "torch.optim.AdamW, lr 1e-3, weight_decay 1e-2",
-                       lambda p: {"lr": 1e-3, "weight_decay": 1e-2}, _product(lr=(3e-4, 1e-3, 3e-3))),
+                       _on_curves("adam", {"lr": 1e-3}), _product(lr=(3e-4, 1e-3, 3e-3)), from_params=True),
+        OptimizerEntry("adamw", "torch.optim:AdamW",
+                       "torch.optim.AdamW, lr 3e-3 on curves (Adam's), else 1e-3; weight_decay 1e-2",
+                       _on_curves("adamw", {"lr": 1e-3, "weight_decay": 1e-2}), _product(lr=(3e-4, 1e-3, 3e-3)),
+                       from_params=True),
+        OptimizerEntry("soap", "heavyball:SOAP", "heavyball SOAP (Vyas et al. 2024), lr 1e-2 on curves (swept)",
+                       _on_curves("soap", {}), _product(lr=(3e-3, 1e-2, 3e-2)), from_params=True,
+                       compile_switch=peers.heavyball_compile),
+        OptimizerEntry("psgd", "heavyball:PSGDKron",
+                       f"heavyball PSGDKron (Kronecker PSGD, Li 2018), lr {PSGD_LR:g} on curves",
+                       _on_curves("psgd", {}), None, from_params=True, compile_switch=peers.heavyball_compile),
         OptimizerEntry("kfac", "fastcurv.optim:KFAC", "K-FAC (Martens & Grosse 2015), sampled Fisher",
                        _kfac_defaults, _product(lr=(0.3, 1.0), damping=(0.3, 3.0)), closure_output=True),
         OptimizerEntry("kbfgs", "fastcurv.optim:KBFGS", "K-BFGS (Goldfarb, Ren & Bahamou 2020)",
@@ -125,8 +154,9 @@ REGISTRY: dict[str, OptimizerEntry] = {
     )
 }
 
-#: Optimizers that run when none are named: the Adam baseline and every fastcurv optimizer that imports.
-_DEFAULT_NAMES = ("adam", "kfac", "kbfgs", "kbfgsl", "newton-cg", "block-hf", "exact-newton")
+#: Optimizers that run when none are named: the Adam baseline, heavyball's SOAP and PSGD when heavyball is
+#: installed (``pip install fastcurv[peers]``) and every fastcurv optimizer that imports.
+_DEFAULT_NAMES = ("adam", "soap", "psgd", "kfac", "kbfgs", "kbfgsl", "newton-cg", "block-hf", "exact-newton")
 
 
 def _import_target(target: str) -> type:
@@ -138,23 +168,50 @@ def _import_target(target: str) -> type:
         raise ImportError(f"{module} has no attribute {attr}") from None
 
 
+def normalize_name(name: str) -> str:
+    """A selection name as the comparison keys it: registry names in lower case, dotted paths as given."""
+    text = name.strip()
+    return text if peers.is_dotted(text) else text.lower()
+
+
 def resolve(name: str) -> tuple[OptimizerEntry, type]:
-    """The registry entry and the optimizer class for ``name``.
+    """The registry entry and the optimizer class for ``name``: a registry name, or a dotted path to an
+    optimizer class (a class of a registry entry is built as that entry; see :mod:`fastcurv.compare.peers`).
 
     Raises:
-        CompareError: unknown name, or a class that cannot be imported (one line, with the reason).
+        CompareError: unknown name, a class that cannot be imported, or a dotted path that does not name an
+            optimizer class (one line, with the reason).
     """
-    key = name.strip().lower()
+    key = normalize_name(name)
     if key not in REGISTRY:
-        raise CompareError(f"unknown optimizer {name!r}; known optimizers: {', '.join(REGISTRY)}")
+        if peers.is_dotted(key):
+            return _resolve_dotted(key)
+        raise CompareError(f"unknown optimizer {name!r}; known optimizers: {', '.join(REGISTRY)}, or a dotted "
+                           f"path to an optimizer class such as torch.optim.AdamW")
     entry = REGISTRY[key]
     try:
         cls = _import_target(entry.target)
     except Exception as e:  # ImportError, or an error raised while importing the module
         dotted = entry.target.replace(":", ".")
+        hint = " (pip install 'fastcurv[peers]')" if entry.target.startswith("heavyball:") else ""
         raise CompareError(
-            f"optimizer {key!r} ({dotted}) is not available in this installation: {one_line(e)}"
+            f"optimizer {key!r} ({dotted}) is not available in this installation{hint}: {one_line(e)}"
         ) from None
+    return entry, cls
+
+
+def _resolve_dotted(path: str) -> tuple[OptimizerEntry, type]:
+    target, cls = peers.import_dotted(path)
+    for entry in REGISTRY.values():
+        if entry.target == target or peers.registered_class(entry.target) is cls:
+            return dataclasses.replace(entry, name=path, summary=f"{path} (as {entry.name})"), cls
+    if peers.is_curvature_optimizer(cls):
+        accepted = accepted_kwargs(cls) or []
+        entry = OptimizerEntry(path, target, path, loss_arg=(lambda p: p.loss_fn) if "loss_fn" in accepted else None,
+                               batch_step=peers.takes_batch(cls))
+    else:
+        switch = peers.heavyball_compile if target.startswith("heavyball") else None
+        entry = OptimizerEntry(path, target, path, from_params=True, compile_switch=switch)
     return entry, cls
 
 
@@ -195,3 +252,12 @@ def accepted_kwargs(cls: type) -> list[str] | None:
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return names
     return None
+
+
+def entry_arguments(entry: OptimizerEntry, cls: type) -> list[str] | None:
+    """The settings an entry accepts: its constructor's keyword arguments (:func:`accepted_kwargs`) plus
+    ``compile`` for an entry with a compile switch; ``None`` when the constructor's cannot be decided."""
+    accepted = accepted_kwargs(cls)
+    if accepted is None:
+        return None
+    return accepted + ["compile"] if entry.compile_switch is not None and "compile" not in accepted else accepted

@@ -3,6 +3,8 @@ the training clock, evaluations, divergence detection (the protocol: docs/compar
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import sys
 import time
@@ -15,7 +17,7 @@ from torch import Tensor, nn
 
 from fastcurv.compare.config import CompareConfig
 from fastcurv.compare.errors import one_line
-from fastcurv.compare.registry import OptimizerEntry
+from fastcurv.compare.registry import OptimizerEntry, accepted_kwargs
 from fastcurv.compare.schema import finite_or_none, jsonable
 from fastcurv.data import Problem
 
@@ -72,22 +74,33 @@ class Runner:
         """Build the optimizer and return ``(step_fn, optimizer, hyperparameters)``; ``step_fn(closure, xb)``
         (``xb`` the minibatch the closure evaluates) returns the loss (a detached tensor)."""
         kwargs = dict(kwargs)
-        if entry.is_torch:
-            if self.cfg.device.type == "cuda" and "fused" not in kwargs and "foreach" not in kwargs:
+        switch = contextlib.nullcontext
+        compiled: bool | None = None
+        if entry.compile_switch is not None:
+            choice = kwargs.pop("compile", "auto")
+            compiled = self.cfg.device.type == "cuda" if choice == "auto" else bool(choice)
+            switch = functools.partial(entry.compile_switch, compiled)
+        if entry.from_params or entry.is_torch:
+            if (entry.is_torch and self.cfg.device.type == "cuda" and "fused" not in kwargs
+                    and "foreach" not in kwargs and "fused" in (accepted_kwargs(cls) or ())):
                 kwargs["fused"] = True
-            opt = cls(model.parameters(), **kwargs)
+            with switch():
+                opt = cls(model.parameters(), **kwargs)
 
             def step_fn(closure: Callable[[], Tensor], xb: Tensor) -> Tensor:
-                opt.zero_grad(set_to_none=True)
-                loss = closure()
-                loss.backward()
-                opt.step()
+                with switch():
+                    opt.zero_grad(set_to_none=True)
+                    loss = closure()
+                    loss.backward()
+                    opt.step()
                 return loss.detach()
 
             group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
             hp = {k: jsonable(v) for k, v in group.items() if v is not None}
+            if compiled is not None:
+                hp["compile"] = compiled
             return step_fn, opt, hp
-        if entry.name == "kfac" and "seed" not in kwargs:
+        if entry.target == "fastcurv.optim:KFAC" and "seed" not in kwargs:
             kwargs["seed"] = self.cfg.seed
         if entry.loss_arg is not None and "loss_fn" not in kwargs:
             kwargs["loss_fn"] = entry.loss_arg(self.problem)
