@@ -256,14 +256,10 @@ def _plot(args: argparse.Namespace) -> int:
         raise _UsageError(f"cannot read {src}: {e.strerror or e}") from None
     except ValueError as e:
         raise _UsageError(f"{src} is not JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(results, dict) or results.get("schema_version") != cmp.SCHEMA_VERSION:
-        got = results.get("schema_version") if isinstance(results, dict) else type(results).__name__
-        raise _UsageError(
-            f"{src}: not a fastcurv compare result with schema_version {cmp.SCHEMA_VERSION} (got {got!r})"
-        )
-    missing = cmp.TOP_LEVEL_KEYS - set(results)
-    if missing:
-        raise _UsageError(f"{src}: missing keys {sorted(missing)}")
+    try:  # an older schema version is upgraded (the file is not rewritten)
+        results = cmp.load_results(results)
+    except cmp.CompareError as e:
+        raise _UsageError(f"{src}: {e}") from None
     dest = Path(args.output) if args.output else src.with_suffix(".png")
     print(cmp.format_table(results))
     try:

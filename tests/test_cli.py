@@ -24,15 +24,17 @@ from fastcurv.data import load_problem
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # The JSON schema, spelled out here (not imported) so that any change to it fails this test.
-TOP_KEYS = {
+TOP_KEYS_V1 = {
     "schema_version", "versions", "created", "command", "device", "dtype", "seed", "problem", "budget",
     "batch_size", "evaluation", "reference", "target_train_loss", "optimizers",
 }
-OPT_KEYS = {
+OPT_KEYS_V1 = {
     "name", "class", "hyperparameters", "status", "error", "steps", "skipped_steps", "train_seconds",
     "wall_seconds", "ms_per_step", "final_train_loss", "final_test_loss", "time_to_target",
     "time_to_target_ratio", "curve", "evals", "counters", "tuning",
 }
+TOP_KEYS = TOP_KEYS_V1 | {"baselines"}  # schema_version 2
+OPT_KEYS = OPT_KEYS_V1 | {"baseline", "to_baselines"}
 TINY = ["--max-steps", "3", "--budget-seconds", "300", "--warmup-steps", "1", "--evals", "2"]
 
 
@@ -44,7 +46,7 @@ def _check_outputs(out: Path, problem: str, names: list[str]) -> dict:
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     res = json.loads((out / f"compare-{problem}.json").read_text())  # strict JSON: no NaN tokens
     assert set(res) == TOP_KEYS
-    assert res["schema_version"] == 1
+    assert res["schema_version"] == 2
     assert [r["name"] for r in res["optimizers"]] == names
     for r in res["optimizers"]:
         assert set(r) == OPT_KEYS, r["name"]
@@ -91,6 +93,18 @@ def test_compare_end_to_end_main(tmp_path: Path, capsys: pytest.CaptureFixture[s
     adam = recs[0]
     assert res["target_train_loss"] == adam["final_train_loss"]
     assert adam["time_to_target"] is not None and adam["time_to_target_ratio"] == pytest.approx(1.0)
+    # Every baseline (Adam, and heavyball's SOAP / PSGD when installed) sets a target; the table has its columns.
+    baselines = [r["name"] for r in recs if not r["class"].startswith("fastcurv.")]
+    assert [b["name"] for b in res["baselines"]] == baselines and baselines[0] == "adam"
+    assert res["baselines"][0]["target_train_loss"] == adam["final_train_loss"]
+    for r in recs:
+        assert r["baseline"] == (r["name"] in baselines) and set(r["to_baselines"]) == set(baselines)
+    assert adam["to_baselines"]["adam"]["seconds"] == adam["time_to_target"]
+    assert 0 < adam["to_baselines"]["adam"]["steps"] <= 3
+    second = cap.out.splitlines()[cap.out.splitlines().index(header) + 1:]
+    head2 = next(ln for ln in second if ln.startswith("optimizer"))
+    for b in baselines:
+        assert f"t->{b} (s)" in head2 and f"steps->{b}" in head2
     by_name = {r["name"]: r for r in recs}
     assert by_name["kfac"]["hyperparameters"]["fisher"] == "sampled"
     assert by_name["kbfgs"]["hyperparameters"]["lr"] == pytest.approx(0.3)  # the paper's default
@@ -410,3 +424,56 @@ def test_heavyball_compile_setting_is_checked_before_training() -> None:
     with pytest.raises(cmp.CompareError, match="soap.compile must be True, False or 'auto'"):
         cfg.validate()
     cmp.CompareConfig(optimizers=["soap"], overrides={"soap": {"compile": True, "lr": 1e-3}}).validate()
+
+
+# ---------------------------------------------------------------------------------------------- baseline targets
+def _record(name: str, cls: str, steps: list[int], secs: list[float], losses: list, status: str = "ok") -> dict:
+    return {"name": name, "class": cls, "status": status, "final_train_loss": losses[-1],
+            "evals": {"step": steps, "seconds": secs, "train_loss": losses, "test_loss": losses}}
+
+
+def test_time_and_steps_to_each_baselines_final_loss() -> None:
+    recs = [
+        _record("adam", "torch.optim.Adam", [0, 10, 20], [0.0, 1.0, 2.0], [100.0, 50.0, 40.0]),
+        _record("soap", "heavyball.SOAP", [0, 5, 10], [0.0, 2.0, 4.0], [100.0, 40.0, 10.0]),
+        _record("sgd", "torch.optim.SGD", [0, 10], [0.0, 1.0], [100.0, None], status="diverged"),
+        _record("kfac", "fastcurv.optim.KFAC", [0, 4, 8], [0.0, 3.0, 6.0], [100.0, 40.0, 30.0]),
+    ]
+    baselines = cmp.targets.add_baseline_targets(recs)
+    assert baselines == [{"name": "adam", "target_train_loss": 40.0}, {"name": "soap", "target_train_loss": 10.0}]
+    adam, soap, sgd, kfac = recs
+    assert [r["baseline"] for r in recs] == [True, True, True, False]  # a failed baseline sets no target
+    assert adam["to_baselines"] == {"adam": {"seconds": 2.0, "steps": 20}, "soap": {"seconds": None, "steps": None}}
+    assert kfac["to_baselines"]["adam"] == {"seconds": 3.0, "steps": 4}
+    # soap reaches adam's 40 exactly at its second evaluation, its own 10 at its last
+    assert soap["to_baselines"] == {"adam": {"seconds": 2.0, "steps": 5}, "soap": {"seconds": 4.0, "steps": 10}}
+    assert sgd["to_baselines"]["adam"] == {"seconds": None, "steps": None}
+    # between evaluations: linear in log(loss), the same rule for seconds and steps (rounded up to a whole step)
+    for target, secs, steps in ((40.0, 0.5, 5), (50.0, 0.5 * math.log(3.2) / math.log(4.0), 5)):
+        r = _record("x", "torch.optim.SGD", [0, 10], [0.0, 1.0], [160.0, 10.0])
+        cmp.targets.add_baseline_targets([r, _record("b", "torch.optim.SGD", [0], [0.0], [target])])
+        assert r["to_baselines"]["b"] == {"seconds": pytest.approx(secs), "steps": steps}
+
+
+def test_schema_1_files_still_load_and_redraw(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A comparison saved before the baseline columns (schema_version 1) is upgraded on reading: ``fastcurv plot``
+    redraws it and prints the new table; the upgrade gives the fields a current run writes."""
+    res = _tiny_run(["adam", "kbfgs"])
+    v1 = json.loads(json.dumps(res, allow_nan=False))
+    del v1["baselines"]
+    for r in v1["optimizers"]:
+        del r["baseline"], r["to_baselines"]
+    v1["schema_version"] = 1
+    assert set(v1) == TOP_KEYS_V1 and all(set(r) == OPT_KEYS_V1 for r in v1["optimizers"])
+    up = cmp.load_results(v1)
+    assert up == json.loads(json.dumps(res, allow_nan=False)) and v1["schema_version"] == 1  # argument untouched
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(v1))
+    assert cli.main(["plot", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "t->adam (s)" in out and "steps->adam" in out and (tmp_path / "old.png").read_bytes()[:8] == PNG_MAGIC
+    for bad, match in (({**v1, "schema_version": 7}, "schema_version 1, 2"), ({"schema_version": 2}, "missing keys")):
+        path.write_text(json.dumps(bad))
+        assert cli.main(["plot", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastcurv: error:") and match in err and len(err.strip().splitlines()) == 1

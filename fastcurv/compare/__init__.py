@@ -11,10 +11,10 @@ Modules, one job each:
 * :mod:`~fastcurv.compare.peers` — optimizers from outside fastcurv: dotted paths, heavyball's compile switch;
 * :mod:`~fastcurv.compare.config` — :class:`CompareConfig`, the settings of one comparison;
 * :mod:`~fastcurv.compare.runner` — one optimizer's timed run (data order, clock, evaluations, divergence);
-* :mod:`~fastcurv.compare.targets` — time to a target loss from a run's evaluations;
+* :mod:`~fastcurv.compare.targets` — time and steps to a target loss (the reference's, each baseline's);
 * :mod:`~fastcurv.compare.comparison` — :func:`run_comparison`, the driver that assembles the results;
 * :mod:`~fastcurv.compare.report` — the table and the plot;
-* :mod:`~fastcurv.compare.schema` — the JSON's version, keys and writer;
+* :mod:`~fastcurv.compare.schema` — the JSON's version, keys, writer and reader (upgrades older versions);
 * :mod:`~fastcurv.compare.errors` — :class:`CompareError`.
 """
 
@@ -33,7 +33,7 @@ from fastcurv.compare.registry import (
 )
 from fastcurv.compare.report import format_table, plot
 from fastcurv.compare.runner import BLOWUP, MAX_NONFINITE
-from fastcurv.compare.schema import OPTIMIZER_KEYS, SCHEMA_VERSION, TOP_LEVEL_KEYS, save_json
+from fastcurv.compare.schema import OPTIMIZER_KEYS, SCHEMA_VERSION, TOP_LEVEL_KEYS, load_results, save_json
 from fastcurv.compare.targets import time_to_target
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "default_optimizers",
     "normalize_name",
     "format_table",
+    "load_results",
     "plot",
     "resolve",
     "run_comparison",

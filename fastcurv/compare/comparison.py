@@ -17,7 +17,7 @@ from fastcurv.compare.errors import CompareError
 from fastcurv.compare.registry import OptimizerEntry, default_optimizers, normalize_name, resolve
 from fastcurv.compare.runner import Runner
 from fastcurv.compare.schema import SCHEMA_VERSION, finite_or_none
-from fastcurv.compare.targets import time_to_target
+from fastcurv.compare.targets import add_baseline_targets, time_to_target
 from fastcurv.data import Problem
 
 __all__ = ["run_comparison"]
@@ -148,6 +148,7 @@ def run_comparison(problem: Problem, cfg: CompareConfig, *, data_source: str | N
         for part in ("curve", "evals"):
             for k, vals in r[part].items():
                 r[part][k] = [finite_or_none(v) if isinstance(v, float) else v for v in vals]
+    baselines = add_baseline_targets(records)
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -181,5 +182,6 @@ def run_comparison(problem: Problem, cfg: CompareConfig, *, data_source: str | N
         },
         "reference": reference,
         "target_train_loss": target,
+        "baselines": baselines,
         "optimizers": records,
     }

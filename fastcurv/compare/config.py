@@ -13,7 +13,8 @@ from fastcurv.compare.registry import OptimizerEntry, entry_arguments, normalize
 
 __all__ = ["DEFAULT_BUDGET_SECONDS", "CompareConfig"]
 
-#: default training-clock budget per optimizer: 7 optimizers + evaluations fit in 3 minutes on 2 CPU cores
+#: default training-clock budget per optimizer: the 8 default runs (exact-newton is skipped on a CPU) with
+#: their evaluations fit in about 3 minutes on 2 quiet CPU cores
 DEFAULT_BUDGET_SECONDS = 12.0
 
 
