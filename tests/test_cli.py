@@ -304,9 +304,27 @@ def test_unavailable_optimizer_is_skipped_by_default(monkeypatch: pytest.MonkeyP
         cmp.resolve("newton-cg")
 
 
+def test_public_names_of_the_former_module_import_from_the_package() -> None:
+    """fastcurv.compare was one module; every name it exported still imports from the package, and each file
+    of the package does one job (the engine) while argument parsing stays in fastcurv.cli."""
+    import importlib
+
+    former = ["OPTIMIZER_KEYS", "REGISTRY", "SCHEMA_VERSION", "TOP_LEVEL_KEYS", "CompareConfig", "CompareError",
+              "OptimizerEntry", "available_optimizers", "default_optimizers", "format_table", "plot", "resolve",
+              "run_comparison", "save_json", "time_to_target", "CURVES_DEFAULTS", "DEFAULT_BUDGET_SECONDS",
+              "EXACT_NEWTON_SECONDS_PER_UNIT", "MAX_NONFINITE", "BLOWUP"]
+    mod = importlib.import_module("fastcurv.compare")
+    assert all(hasattr(mod, n) for n in former) and set(former) <= set(mod.__all__)
+    assert all(hasattr(mod, n) for n in mod.__all__)
+    for sub in ("registry", "peers", "config", "runner", "targets", "comparison", "report", "schema", "errors"):
+        assert "argparse" not in importlib.import_module(f"fastcurv.compare.{sub}").__dict__, sub
+    assert cmp.CompareError is cmp.errors.CompareError and issubclass(cmp.CompareError, ValueError)
+
+
 def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["compare", "--help"]) == 0
-    assert "--budget-seconds" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--budget-seconds" in out and "heavyball.SOAP" in out and "docs/compare.md" in out
     assert cli.main(["--version"]) == 0
     assert "fastcurv" in capsys.readouterr().out
 
