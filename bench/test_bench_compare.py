@@ -1,8 +1,9 @@
 """End-to-end benchmark: time to target loss on CURVES, per optimizer.
 
-The target is Adam's final training loss after the budget (the ``fastcurv compare`` protocol, see
-:mod:`fastcurv.compare`); ``extra_info`` records, per optimizer, the training-clock seconds to reach it, the
-ratio to Adam's time, the final train/test losses, steps and ms/step. Run on a GPU::
+The target is Adam's final training loss after the budget (the ``fastcurv compare`` protocol,
+docs/compare.md); ``extra_info`` records, per optimizer, the training-clock seconds to reach it, the ratio to
+Adam's time, the seconds and steps to each baseline's final loss (Adam, and heavyball's SOAP and PSGD when
+heavyball is installed), the final train/test losses, steps and ms/step. Run on a GPU::
 
     python -m pytest bench/test_bench_compare.py --benchmark-json=compare.json
 
@@ -63,3 +64,8 @@ def test_bench_time_to_target_curves(benchmark) -> None:
         info[f"{n}_steps"] = r["steps"]
         info[f"{n}_ms_per_step"] = r["ms_per_step"]
         info[f"{n}_status"] = r["status"]
+        for b, to in r["to_baselines"].items():
+            info[f"{n}_seconds_to_{b}_final_loss"] = to["seconds"]
+            info[f"{n}_steps_to_{b}_final_loss"] = to["steps"]
+    for b in results["baselines"]:
+        info[f"{b['name']}_final_train_loss_target"] = b["target_train_loss"]

@@ -67,16 +67,19 @@ def _nonneg_int(text: str) -> int:
 
 
 def _setting(text: str) -> tuple[str, str, Any]:
-    """``OPT.KEY=VALUE`` -> (opt, key, value); VALUE is a Python literal (number, bool, string, tuple)."""
+    """``OPT.KEY=VALUE`` -> (opt, key, value); OPT is a registry name or a dotted path (the key is after the
+    last dot); VALUE is a Python literal (number, bool, string, tuple)."""
+    from fastcurv.compare import normalize_name
+
     head, eq, raw = text.partition("=")
-    opt, dot, key = head.partition(".")
+    opt, dot, key = head.rpartition(".")
     if not eq or not dot or not opt.strip() or not key.strip().isidentifier():
         raise argparse.ArgumentTypeError(f"expected OPTIMIZER.KEY=VALUE (e.g. kfac.damping=1.0), got {text!r}")
     try:
         value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
         value = raw.strip()
-    return opt.strip().lower(), key.strip(), value
+    return normalize_name(opt), key.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train each optimizer on the same deep autoencoder from the same initialisation, on the same "
             "minibatch order, under the same training-clock budget; print a table and write "
-            "compare-<problem>.png/.json/.txt to --out. See fastcurv/compare.py for the protocol, the "
+            "compare-<problem>.png/.json/.txt to --out. See docs/compare.md for the protocol, the "
             "default hyperparameters and the JSON schema."
         ),
     )
@@ -107,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data file for mnist/faces (or a real CURVES file): .npz with x_train/x_test, MNIST idx "
                         "files, or the original .mat (needs scipy)")
     c.add_argument("--optimizers", default=None, metavar="LIST",
-                   help="comma-separated registry names, or 'all' (default: adam and every fastcurv optimizer "
-                        "available: adam,kfac,kbfgs,kbfgsl,newton-cg,block-hf,exact-newton; also: adamw)")
+                   help="comma-separated registry names or dotted paths to optimizer classes (e.g. "
+                        "adam,torch.optim.AdamW,heavyball.SOAP), or 'all' (default: adam, heavyball's soap and "
+                        "psgd when heavyball is installed, and every fastcurv optimizer available: "
+                        "kfac,kbfgs,kbfgsl,newton-cg,block-hf,exact-newton; also: adamw)")
     c.add_argument("--budget-seconds", type=_positive_float, default=DEFAULT_BUDGET_SECONDS, metavar="S",
                    help=f"training-clock seconds per optimizer (default {DEFAULT_BUDGET_SECONDS:g})")
     c.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
@@ -131,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-seconds", type=_positive_float, default=None, metavar="S",
                    help="budget of each --tune run (default: a quarter of --budget-seconds)")
     c.add_argument("--set", type=_setting, action="append", default=[], metavar="OPT.KEY=VALUE", dest="settings",
-                   help="override a constructor argument, e.g. --set kbfgs.lr=0.1 (repeatable)")
+                   help="override a constructor argument, e.g. --set kbfgs.lr=0.1 or --set heavyball.SOAP.lr=3e-3 "
+                        "(repeatable; heavyball optimizers also take compile=True/False/'auto')")
     c.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda, cuda:N")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="default float32")
     c.add_argument("--seed", type=_nonneg_int, default=0, help="initialisation / data order / data seed (default 0)")
@@ -172,12 +178,17 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
 
     names = None
     if args.optimizers is not None:
-        names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
+        names = [cmp.normalize_name(n) for n in args.optimizers.split(",") if n.strip()]
         if names == ["all"]:
             names = cmp.available_optimizers()
         if not names:
             raise _UsageError("argument --optimizers: empty list")
         names = list(dict.fromkeys(names))
+        for name in names:
+            try:
+                cmp.resolve(name)
+            except cmp.CompareError as e:
+                raise _UsageError(f"argument --optimizers: {' '.join(str(e).split())}") from None
     overrides: dict[str, dict[str, Any]] = {}
     for opt, key, value in args.settings:
         overrides.setdefault(opt, {})[key] = value
@@ -200,7 +211,11 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     )
     if cfg.optimizers is None:
         cfg.optimizers = cmp.default_optimizers()
-    cfg.validate()  # optimizers resolve, settings name selected optimizers: before any data is loaded
+    try:  # optimizers resolve, settings name selected optimizers: before any data is loaded
+        cfg.validate()
+    except cmp.CompareError as e:
+        where = "argument --set: " if args.settings else ""
+        raise _UsageError(where + " ".join(str(e).split())) from None
     try:
         problem = load_problem(args.problem, data=args.data, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
     except ProblemError as e:
@@ -241,14 +256,10 @@ def _plot(args: argparse.Namespace) -> int:
         raise _UsageError(f"cannot read {src}: {e.strerror or e}") from None
     except ValueError as e:
         raise _UsageError(f"{src} is not JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(results, dict) or results.get("schema_version") != cmp.SCHEMA_VERSION:
-        got = results.get("schema_version") if isinstance(results, dict) else type(results).__name__
-        raise _UsageError(
-            f"{src}: not a fastcurv compare result with schema_version {cmp.SCHEMA_VERSION} (got {got!r})"
-        )
-    missing = cmp.TOP_LEVEL_KEYS - set(results)
-    if missing:
-        raise _UsageError(f"{src}: missing keys {sorted(missing)}")
+    try:  # an older schema version is upgraded (the file is not rewritten)
+        results = cmp.load_results(results)
+    except cmp.CompareError as e:
+        raise _UsageError(f"{src}: {e}") from None
     dest = Path(args.output) if args.output else src.with_suffix(".png")
     print(cmp.format_table(results))
     try:

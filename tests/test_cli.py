@@ -1,4 +1,4 @@
-"""End-to-end tests of ``fastcurv compare`` / ``fastcurv plot`` (fastcurv.cli + fastcurv.compare).
+"""End-to-end tests of ``fastcurv compare`` / ``fastcurv plot`` (fastcurv.cli + the fastcurv.compare package).
 
 Runs are tiny (digits or a shrunken CURVES, a few steps bounded by ``--max-steps`` with a generous time
 budget, so they do not depend on the machine's speed). No timing is asserted.
@@ -24,15 +24,17 @@ from fastcurv.data import load_problem
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # The JSON schema, spelled out here (not imported) so that any change to it fails this test.
-TOP_KEYS = {
+TOP_KEYS_V1 = {
     "schema_version", "versions", "created", "command", "device", "dtype", "seed", "problem", "budget",
     "batch_size", "evaluation", "reference", "target_train_loss", "optimizers",
 }
-OPT_KEYS = {
+OPT_KEYS_V1 = {
     "name", "class", "hyperparameters", "status", "error", "steps", "skipped_steps", "train_seconds",
     "wall_seconds", "ms_per_step", "final_train_loss", "final_test_loss", "time_to_target",
     "time_to_target_ratio", "curve", "evals", "counters", "tuning",
 }
+TOP_KEYS = TOP_KEYS_V1 | {"baselines"}  # schema_version 2
+OPT_KEYS = OPT_KEYS_V1 | {"baseline", "to_baselines"}
 TINY = ["--max-steps", "3", "--budget-seconds", "300", "--warmup-steps", "1", "--evals", "2"]
 
 
@@ -44,7 +46,7 @@ def _check_outputs(out: Path, problem: str, names: list[str]) -> dict:
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     res = json.loads((out / f"compare-{problem}.json").read_text())  # strict JSON: no NaN tokens
     assert set(res) == TOP_KEYS
-    assert res["schema_version"] == 1
+    assert res["schema_version"] == 2
     assert [r["name"] for r in res["optimizers"]] == names
     for r in res["optimizers"]:
         assert set(r) == OPT_KEYS, r["name"]
@@ -91,6 +93,18 @@ def test_compare_end_to_end_main(tmp_path: Path, capsys: pytest.CaptureFixture[s
     adam = recs[0]
     assert res["target_train_loss"] == adam["final_train_loss"]
     assert adam["time_to_target"] is not None and adam["time_to_target_ratio"] == pytest.approx(1.0)
+    # Every baseline (Adam, and heavyball's SOAP / PSGD when installed) sets a target; the table has its columns.
+    baselines = [r["name"] for r in recs if not r["class"].startswith("fastcurv.")]
+    assert [b["name"] for b in res["baselines"]] == baselines and baselines[0] == "adam"
+    assert res["baselines"][0]["target_train_loss"] == adam["final_train_loss"]
+    for r in recs:
+        assert r["baseline"] == (r["name"] in baselines) and set(r["to_baselines"]) == set(baselines)
+    assert adam["to_baselines"]["adam"]["seconds"] == adam["time_to_target"]
+    assert 0 < adam["to_baselines"]["adam"]["steps"] <= 3
+    second = cap.out.splitlines()[cap.out.splitlines().index(header) + 1:]
+    head2 = next(ln for ln in second if ln.startswith("optimizer"))
+    for b in baselines:
+        assert f"t->{b} (s)" in head2 and f"steps->{b}" in head2
     by_name = {r["name"]: r for r in recs}
     assert by_name["kfac"]["hyperparameters"]["fisher"] == "sampled"
     assert by_name["kbfgs"]["hyperparameters"]["lr"] == pytest.approx(0.3)  # the paper's default
@@ -217,9 +231,9 @@ def test_time_to_target_interpolation() -> None:
 
 def test_data_order_is_seeded_and_covers_each_epoch() -> None:
     x = torch.arange(10.0).unsqueeze(1)
-    a = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=5), range(6))]
-    b = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=5), range(6))]
-    c = [b.squeeze(1).tolist() for b, _ in zip(cmp._Batches(x, 3, seed=6), range(6))]
+    a = [b.squeeze(1).tolist() for b, _ in zip(cmp.runner._Batches(x, 3, seed=5), range(6))]
+    b = [b.squeeze(1).tolist() for b, _ in zip(cmp.runner._Batches(x, 3, seed=5), range(6))]
+    c = [b.squeeze(1).tolist() for b, _ in zip(cmp.runner._Batches(x, 3, seed=6), range(6))]
     assert a == b and a != c
     epoch = sorted(v for batch in a[:3] for v in batch)  # 3 batches of 3 per epoch, last partial one dropped
     assert len(set(epoch)) == 9 and all(len(batch) == 3 for batch in a)
@@ -247,6 +261,15 @@ BAD = {
     "setting for unselected optimizer": (["--optimizers", "adam", "--set", "kfac.lr=1"], "kfac"),
     "n-train too large": (["--problem", "digits", "--n-train", "5000"], "n_train"),
     "unavailable optimizer": (["--optimizers", "newton-cg"], "not available"),
+    "dotted path, no such class": (["--optimizers", "adam,torch.optim.AdamX"],
+                                   "argument --optimizers: optimizer 'torch.optim.AdamX': module torch.optim has no"),
+    "dotted path, no such module": (["--optimizers", "nosuchpkg.Opt"],
+                                    "argument --optimizers: optimizer 'nosuchpkg.Opt'"),
+    "dotted path, not an optimizer": (["--optimizers", "torch.nn.Linear"], "'torch.nn.Linear' is not an optimizer"),
+    "setting for a dotted path, unknown key": (
+        ["--optimizers", "torch.optim.AdamW", "--set", "torch.optim.AdamW.lrr=1"],
+        "argument --set: torch.optim.AdamW has no argument 'lrr'",
+    ),
     "unknown command": (None, "invalid choice"),
 }
 
@@ -281,16 +304,34 @@ def test_unavailable_optimizer_is_skipped_by_default(monkeypatch: pytest.MonkeyP
         cmp.resolve("newton-cg")
 
 
+def test_public_names_of_the_former_module_import_from_the_package() -> None:
+    """fastcurv.compare was one module; every name it exported still imports from the package, and each file
+    of the package does one job (the engine) while argument parsing stays in fastcurv.cli."""
+    import importlib
+
+    former = ["OPTIMIZER_KEYS", "REGISTRY", "SCHEMA_VERSION", "TOP_LEVEL_KEYS", "CompareConfig", "CompareError",
+              "OptimizerEntry", "available_optimizers", "default_optimizers", "format_table", "plot", "resolve",
+              "run_comparison", "save_json", "time_to_target", "CURVES_DEFAULTS", "DEFAULT_BUDGET_SECONDS",
+              "EXACT_NEWTON_SECONDS_PER_UNIT", "MAX_NONFINITE", "BLOWUP"]
+    mod = importlib.import_module("fastcurv.compare")
+    assert all(hasattr(mod, n) for n in former) and set(former) <= set(mod.__all__)
+    assert all(hasattr(mod, n) for n in mod.__all__)
+    for sub in ("registry", "peers", "config", "runner", "targets", "comparison", "report", "schema", "errors"):
+        assert "argparse" not in importlib.import_module(f"fastcurv.compare.{sub}").__dict__, sub
+    assert cmp.CompareError is cmp.errors.CompareError and issubclass(cmp.CompareError, ValueError)
+
+
 def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["compare", "--help"]) == 0
-    assert "--budget-seconds" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--budget-seconds" in out and "heavyball.SOAP" in out and "docs/compare.md" in out
     assert cli.main(["--version"]) == 0
     assert "fastcurv" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- defaults and guards
 def test_curves_defaults_come_from_the_sweep_and_other_problems_keep_the_papers() -> None:
-    """CURVES gets the swept defaults (module docstring of fastcurv.compare); digits keeps the paper's / torch's."""
+    """CURVES gets the swept defaults (docs/compare.md); digits keeps the paper's / torch's."""
     curves = load_problem("curves", n_train=8, n_test=4)
     digits = load_problem("digits", n_train=8, n_test=4)
     for name, kw in cmp.CURVES_DEFAULTS.items():
@@ -302,7 +343,7 @@ def test_curves_defaults_come_from_the_sweep_and_other_problems_keep_the_papers(
 
 def test_too_slow_optimizer_is_skipped_and_failed_reference_gives_no_target(monkeypatch: pytest.MonkeyPatch) -> None:
     problem = load_problem("digits", n_train=60, n_test=20)
-    monkeypatch.setattr(cmp, "EXACT_NEWTON_SECONDS_PER_UNIT", 1.0)  # every exact-newton step "takes" ages
+    monkeypatch.setattr(cmp.registry, "EXACT_NEWTON_SECONDS_PER_UNIT", 1.0)  # every exact-newton step "takes" ages
     monkeypatch.setitem(cmp.REGISTRY, "big-opt", cmp.OptimizerEntry("big-opt", f"{__name__}:_BlowUpOptimizer", "t"))
     cfg = cmp.CompareConfig(optimizers=["big-opt", "exact-newton"], budget_seconds=300, max_steps=3, batch_size=20,
                             warmup_steps=0, n_evals=1, progress=False)
@@ -313,3 +354,144 @@ def test_too_slow_optimizer_is_skipped_and_failed_reference_gives_no_target(monk
     assert res["target_train_loss"] is None and big["time_to_target"] is None  # a blown-up run sets no target
     table = cmp.format_table(json.loads(json.dumps(res, allow_nan=False)))
     assert "skipped" in table and "exact-newton" in table
+
+
+# ---------------------------------------------------------------------------------------------- peers and dotted paths
+def _tiny_run(names: list[str], overrides: dict | None = None, problem: str = "digits") -> dict:
+    prob = load_problem(problem, n_train=120, n_test=40)
+    cfg = cmp.CompareConfig(optimizers=names, budget_seconds=300, max_steps=3, batch_size=40, warmup_steps=1,
+                            n_evals=1, overrides=overrides or {}, progress=False)
+    return cmp.run_comparison(prob, cfg)
+
+
+def test_dotted_paths_build_any_optimizer_class_and_registry_classes_as_their_entry() -> None:
+    """A dotted path naming a registry entry's class runs exactly as that entry (same defaults, same curve); any
+    other optimizer class is built from model.parameters(); --set-style overrides reach it by its path."""
+    res = _tiny_run(["adam", "torch.optim.Adam", "torch.optim.SGD"], {"torch.optim.SGD": {"lr": 0.05}})
+    adam, dotted_adam, sgd = res["optimizers"]
+    assert [r["status"] for r in res["optimizers"]] == ["ok"] * 3
+    assert dotted_adam["name"] == "torch.optim.Adam" and dotted_adam["class"] == "torch.optim.Adam"
+    assert dotted_adam["curve"]["train_loss"] == adam["curve"]["train_loss"]
+    assert dotted_adam["hyperparameters"]["lr"] == adam["hyperparameters"]["lr"]
+    assert sgd["class"] == "torch.optim.SGD" and sgd["hyperparameters"]["lr"] == pytest.approx(0.05)
+    assert sgd["curve"]["train_loss"][0] == adam["curve"]["train_loss"][0]  # same init, same first minibatch
+    assert sgd["curve"]["train_loss"] != adam["curve"]["train_loss"]
+
+
+def test_dotted_path_cli_with_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["compare", "--problem", "digits", "--n-train", "120", "--n-test", "40", "--batch-size", "40",
+                   "--optimizers", "adam,torch.optim.AdamW", "--set", "torch.optim.AdamW.lr=0.01", "--no-progress",
+                   "--out", str(tmp_path), *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0
+    res = _check_outputs(tmp_path, "digits", ["adam", "torch.optim.AdamW"])
+    adamw = res["optimizers"][1]
+    assert adamw["status"] == "ok" and adamw["hyperparameters"]["lr"] == pytest.approx(0.01)
+    assert any(ln.startswith("torch.optim.AdamW") for ln in out.splitlines())
+
+
+def test_dotted_setting_parses_at_the_last_dot() -> None:
+    assert cli._setting("heavyball.SOAP.lr=3e-3") == ("heavyball.SOAP", "lr", 3e-3)
+    assert cli._setting("KFAC.damping=1") == ("kfac", "damping", 1)  # registry names are case-insensitive
+
+
+def test_adamw_on_curves_uses_adams_swept_lr() -> None:
+    curves = load_problem("curves", n_train=8, n_test=4)
+    entry, _ = cmp.resolve("torch.optim.AdamW")
+    assert entry.name == "torch.optim.AdamW" and entry.defaults(curves) == {"lr": 3e-3, "weight_decay": 1e-2}
+
+
+def test_without_heavyball_the_peers_are_left_out_of_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "heavyball", None)  # import heavyball -> ImportError
+    names = cmp.default_optimizers()
+    assert "soap" not in names and "psgd" not in names and names[0] == "adam"
+    with pytest.raises(cmp.CompareError, match=r"not available.*fastcurv\[peers\]"):
+        cmp.resolve("soap")
+    with pytest.raises(cmp.CompareError, match="heavyball.SOAP"):
+        cmp.resolve("heavyball.SOAP")
+
+
+def test_heavyball_peers_run_with_the_same_protocol() -> None:
+    """SOAP and PSGD are in the default selection right after Adam, run uncompiled on the CPU (compile="auto"),
+    and heavyball.SOAP by dotted path is the registry's soap. Skipped when heavyball is not installed."""
+    hb_utils = pytest.importorskip("heavyball.utils")
+    assert cmp.default_optimizers()[:3] == ["adam", "soap", "psgd"]
+    mode = hb_utils.compile_mode
+    res = _tiny_run(["adam", "soap", "psgd", "heavyball.SOAP"], problem="curves")
+    assert hb_utils.compile_mode == mode  # the compile switch restores heavyball's global setting
+    recs = {r["name"]: r for r in res["optimizers"]}
+    for name, cls in (("soap", "heavyball.SOAP"), ("psgd", "heavyball.PSGDKron"), ("heavyball.SOAP", "heavyball.SOAP")):
+        r = recs[name]
+        assert r["status"] == "ok" and r["steps"] == 3, (name, r["error"])
+        assert r["class"] == cls and r["hyperparameters"]["compile"] is False
+        assert r["curve"]["train_loss"][0] == recs["adam"]["curve"]["train_loss"][0]
+    assert recs["soap"]["hyperparameters"]["lr"] == pytest.approx(1e-2)  # the CURVES default
+    assert recs["psgd"]["hyperparameters"]["lr"] == pytest.approx(cmp.CURVES_DEFAULTS["psgd"]["lr"])
+    assert recs["heavyball.SOAP"]["curve"]["train_loss"] == recs["soap"]["curve"]["train_loss"]
+
+
+def test_settings_of_optimizers_built_from_parameters_are_checked_before_training() -> None:
+    cfg = cmp.CompareConfig(optimizers=["torch.optim.SGD"], overrides={"torch.optim.SGD": {"lr": -1.0}})
+    with pytest.raises(cmp.CompareError, match="torch.optim.SGD: bad setting: ValueError: Invalid learning rate"):
+        cfg.validate()
+
+
+def test_heavyball_compile_setting_is_checked_before_training() -> None:
+    pytest.importorskip("heavyball")
+    cfg = cmp.CompareConfig(optimizers=["soap"], overrides={"soap": {"compile": "maybe"}})
+    with pytest.raises(cmp.CompareError, match="soap.compile must be True, False or 'auto'"):
+        cfg.validate()
+    cmp.CompareConfig(optimizers=["soap"], overrides={"soap": {"compile": True, "lr": 1e-3}}).validate()
+
+
+# ---------------------------------------------------------------------------------------------- baseline targets
+def _record(name: str, cls: str, steps: list[int], secs: list[float], losses: list, status: str = "ok") -> dict:
+    return {"name": name, "class": cls, "status": status, "final_train_loss": losses[-1],
+            "evals": {"step": steps, "seconds": secs, "train_loss": losses, "test_loss": losses}}
+
+
+def test_time_and_steps_to_each_baselines_final_loss() -> None:
+    recs = [
+        _record("adam", "torch.optim.Adam", [0, 10, 20], [0.0, 1.0, 2.0], [100.0, 50.0, 40.0]),
+        _record("soap", "heavyball.SOAP", [0, 5, 10], [0.0, 2.0, 4.0], [100.0, 40.0, 10.0]),
+        _record("sgd", "torch.optim.SGD", [0, 10], [0.0, 1.0], [100.0, None], status="diverged"),
+        _record("kfac", "fastcurv.optim.KFAC", [0, 4, 8], [0.0, 3.0, 6.0], [100.0, 40.0, 30.0]),
+    ]
+    baselines = cmp.targets.add_baseline_targets(recs)
+    assert baselines == [{"name": "adam", "target_train_loss": 40.0}, {"name": "soap", "target_train_loss": 10.0}]
+    adam, soap, sgd, kfac = recs
+    assert [r["baseline"] for r in recs] == [True, True, True, False]  # a failed baseline sets no target
+    assert adam["to_baselines"] == {"adam": {"seconds": 2.0, "steps": 20}, "soap": {"seconds": None, "steps": None}}
+    assert kfac["to_baselines"]["adam"] == {"seconds": 3.0, "steps": 4}
+    # soap reaches adam's 40 exactly at its second evaluation, its own 10 at its last
+    assert soap["to_baselines"] == {"adam": {"seconds": 2.0, "steps": 5}, "soap": {"seconds": 4.0, "steps": 10}}
+    assert sgd["to_baselines"]["adam"] == {"seconds": None, "steps": None}
+    # between evaluations: linear in log(loss), the same rule for seconds and steps (rounded up to a whole step)
+    for target, secs, steps in ((40.0, 0.5, 5), (50.0, 0.5 * math.log(3.2) / math.log(4.0), 5)):
+        r = _record("x", "torch.optim.SGD", [0, 10], [0.0, 1.0], [160.0, 10.0])
+        cmp.targets.add_baseline_targets([r, _record("b", "torch.optim.SGD", [0], [0.0], [target])])
+        assert r["to_baselines"]["b"] == {"seconds": pytest.approx(secs), "steps": steps}
+
+
+def test_schema_1_files_still_load_and_redraw(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A comparison saved before the baseline columns (schema_version 1) is upgraded on reading: ``fastcurv plot``
+    redraws it and prints the new table; the upgrade gives the fields a current run writes."""
+    res = _tiny_run(["adam", "kbfgs"])
+    v1 = json.loads(json.dumps(res, allow_nan=False))
+    del v1["baselines"]
+    for r in v1["optimizers"]:
+        del r["baseline"], r["to_baselines"]
+    v1["schema_version"] = 1
+    assert set(v1) == TOP_KEYS_V1 and all(set(r) == OPT_KEYS_V1 for r in v1["optimizers"])
+    up = cmp.load_results(v1)
+    assert up == json.loads(json.dumps(res, allow_nan=False)) and v1["schema_version"] == 1  # argument untouched
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(v1))
+    assert cli.main(["plot", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "t->adam (s)" in out and "steps->adam" in out and (tmp_path / "old.png").read_bytes()[:8] == PNG_MAGIC
+    for bad, match in (({**v1, "schema_version": 7}, "schema_version 1, 2"), ({"schema_version": 2}, "missing keys")):
+        path.write_text(json.dumps(bad))
+        assert cli.main(["plot", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastcurv: error:") and match in err and len(err.strip().splitlines()) == 1
