@@ -537,16 +537,12 @@ class _KBFGSBase(CurvatureOptimizer):
         tap), not the weight gradients: backpropagate to the layers' biases (a row sum each; the weight of a
         bias-free layer) so autograd skips every other weight-gradient GEMM (the code computes them all).
         A closure that calls ``backward`` itself is left alone."""
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()  # type: ignore[misc]
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
-            already = any(p.grad is not None for p in self.param_groups[0]["params"])
-            if not already and loss.requires_grad:
-                scaled = loss if self._scaler is None else self._scaler.scale(loss)
+        loss, _, raw, called = self._eval_closure(closure, backward=False, fresh=True, output=True)
+        if not called and raw.requires_grad:
+            with torch.enable_grad():
+                scaled = raw if self._scaler is None else self._scaler.scale(raw)
                 torch.autograd.backward(scaled, inputs=self._pass2_inputs)
-        return loss.detach()
+        return loss
 
     def _prepare_stats(self, names: tuple[str, ...], inv_scale: float) -> None:
         r"""Make the captured statistics ``names`` final: divide :math:`\bar g` by a GradScaler's scale, then,

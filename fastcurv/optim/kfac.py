@@ -215,6 +215,15 @@ def _make_apply(eigen: bool, kl: bool) -> Callable[..., None]:
 # ------------------------------------------------------------------------------------------------------------
 # the optimizer
 # ------------------------------------------------------------------------------------------------------------
+def _count_round(rounds: dict[int, int]) -> Callable[[Tensor], None]:
+    """A post-accumulate-grad hook counting the backward passes that reached a layer's weight."""
+
+    def hook(p: Tensor) -> None:
+        rounds[id(p)] = rounds.get(id(p), 0) + 1
+
+    return hook
+
+
 class KFAC(CurvatureOptimizer):
     r"""K-FAC for ``nn.Linear`` and ``nn.Conv2d`` layers (see the module docstring for the exact algorithm).
 
@@ -383,6 +392,10 @@ class KFAC(CurvatureOptimizer):
             if w not in trainable or (b is not None and b not in trainable):
                 continue  # frozen weight or bias: leave the layer to the fallback (frozen params are not in it)
             self._layers.append(_Layer(st, w, b, st.name or "<root>"))
+        # backward rounds per layer since the statistics were last reset (gradient accumulation, _batch_stats)
+        self._rounds: dict[int, int] = {id(lay.weight): 0 for lay in self._layers}
+        self._round_hooks = [lay.weight.register_post_accumulate_grad_hook(_count_round(self._rounds))
+                             for lay in self._layers]
         self._refresh_partition()
         self._counters.update(
             factor_updates=0, inverse_refreshes=0, jitter_fallbacks=0, psd_fallbacks=0, inverse_failures=0
@@ -456,51 +469,39 @@ class KFAC(CurvatureOptimizer):
         t = zd + torch.randn(zd.shape, generator=self._gen, dtype=zd.dtype, device=zd.device)
         return 0.5 * (z - t).pow(2).sum() / n
 
-    def _forward_backward(self, closure: Closure) -> Tensor:
-        """Zero grads and statistics, run the closure, backpropagate the loss (and, for the sampled Fisher,
-        the sampled loss, whose G replaces the empirical one). Returns the detached loss."""
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        self.zero_grad(set_to_none=True)
-        self._cap.reset()
-        with torch.enable_grad():
-            out = closure()
-            output = None
-            if isinstance(out, (tuple, list)):
-                if len(out) != 2:
-                    raise TypeError(f"the closure must return loss or (loss, output), got a sequence of {len(out)}")
-                out, output = out
-            if not isinstance(out, Tensor) or out.dim() != 0:
-                shape = f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""
-                raise TypeError(
-                    f"the closure must return the loss as a 0-d tensor (or (loss, output)), got "
-                    f"{type(out).__name__}{shape}"
+    def _forward_backward(self, closure: Closure, *, fresh: bool = False) -> Tensor:
+        """Run the closure through the base class's evaluator (statistics of gradients accumulated before the
+        step are kept, see :meth:`_begin_closure`) and, for the sampled Fisher, backpropagate the sampled
+        loss, whose G replaces the empirical one. Returns the detached loss."""
+        sampled = self.fisher != "empirical"
+        loss, output, raw, _ = self._eval_closure(closure, fresh=fresh, output=True, retain_graph=sampled)
+        if sampled:
+            if output is None:
+                raise ValueError(
+                    "fisher='sampled' needs the model output: let the closure return (loss, output)"
                 )
-            loss = out
-            already = any(p.grad is not None for p in self.param_groups[0]["params"])
-            if self.fisher == "empirical":
-                if not already and loss.requires_grad:
-                    self._backward(loss)
-            else:
-                if already:
-                    raise ValueError(
-                        "fisher='sampled': the closure must not call backward() itself; return (loss, output) "
-                        "and the optimizer backpropagates both the loss and the sampled-target loss"
-                    )
-                if output is None:
-                    raise ValueError(
-                        "fisher='sampled' needs the model output: let the closure return (loss, output)"
-                    )
-                if loss.requires_grad:
-                    self._backward(loss, retain_graph=True)
-                self._cap.reset("G")
+            self._cap.reset("G")
+            with torch.enable_grad():
                 sloss = self._sampled_loss(output)
                 ws = [lay.weight for lay in self._layers]
                 if ws and sloss.requires_grad:
                     if self._scaler is not None:
                         sloss = self._scaler.scale(sloss)
                     torch.autograd.grad(sloss, ws, allow_unused=True)
-        return loss.detach()
+        return loss
+
+    @property
+    def _supports_accumulation(self) -> bool:  # type: ignore[override]
+        # the sampled Fisher's G comes from the step's own micro-batch only: no pooling with earlier ones
+        return self.fisher == "empirical"
+
+    def _fresh_round(self) -> None:
+        self._cap.reset()
+        self._end_round()
+
+    def _end_round(self) -> None:
+        for k in self._rounds:
+            self._rounds[k] = 0
 
     # -------------------------------------------------------------------------------------------- statistics
     def _batch_stats(self, layers: list[_Layer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -509,7 +510,10 @@ class KFAC(CurvatureOptimizer):
         for lay in layers:
             st = lay.stats
             As.append(st.A)
-            Gs.append(st.G)
+            # k > 1 backward rounds accumulated (micro-batches, each loss divided by k so that the gradient is the
+            # mean over the whole batch): the per-call scale N_call of g is k times too small for the pooled batch
+            k = self._rounds.get(id(lay.weight), 1)
+            Gs.append(st.G if k <= 1 else st.G * float(k * k))
             Ls.append((st.n_A.to(st.A.dtype) / st.n_s.clamp(min=1).to(st.A.dtype)).reshape(()))
         return As, Gs, Ls
 
@@ -854,7 +858,7 @@ class KFAC(CurvatureOptimizer):
         j = 0
         try:
             for closure in closures:
-                loss = self._forward_backward(closure)
+                loss = self._forward_backward(closure, fresh=True)
                 layers = self._active_layers()
                 self._prepare_stats(layers)
                 As, Gs, Ls = self._batch_stats(layers)
@@ -920,6 +924,8 @@ class KFAC(CurvatureOptimizer):
     def remove(self) -> None:
         """Detach from the model: restore the layers' original classes (the optimizer is unusable after)."""
         self._cap.remove()
+        for h in self._round_hooks:
+            h.remove()
 
     def __repr__(self) -> str:
         g = self.param_groups[0]

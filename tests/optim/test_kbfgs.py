@@ -714,8 +714,8 @@ def test_misuse_errors():
     opt.step(_closure(model, x))
     with pytest.raises(RuntimeError, match="before the first step"):
         opt.warm_start([_closure(model, x)])
-    opt.param_groups[0]["lr"] = 0.1
-    with pytest.raises(TypeError, match="fill_"):
+    opt.param_groups[0]["lr"] = "0.1"
+    with pytest.raises(TypeError, match="float or a 0-d tensor"):
         opt.step(_closure(model, x))
 
 
