@@ -70,6 +70,11 @@ __all__ = ["CurvatureOptimizer", "Closure", "maybe_compile"]
 
 Closure = Callable[[], Tensor]
 
+#: param -> (weak reference to the .grad a fastcurv optimizer last consumed or zeroed, its version), shared by
+#: every optimizer (a second optimizer on the same model does not mistake the first one's gradients for an
+#: accumulation): see CurvatureOptimizer._begin_closure
+_GRAD_MARKS: dict[int, tuple[Any, Any, int]] = {}  # id(param) -> (weakref(param), weakref(grad), version)
+
 
 def maybe_compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     """``torch.compile(fn, fullgraph=True, dynamic=False)`` when ``enabled`` (and not disabled globally by
@@ -151,8 +156,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             k: v for k, v in self.param_groups[0].items() if k != "params" and isinstance(v, Tensor)
         }
         self._constructed = True
-        #: param -> (weak reference to the .grad this optimizer left, its version): see _begin_closure
-        self._grad_marks: dict[Tensor, tuple[Any, int]] = {}
+        self._mark_grads()  # gradients present at construction are not part of the first step
         self._replaying = False
         self._partition_checked = False
         self._comm = communicator(distributed, process_group)
@@ -481,11 +485,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _mark_grads(self) -> None:
         """Remember the ``.grad`` tensors as they are now (consumed or zeroed by this optimizer)."""
-        marks: dict[Tensor, tuple[Any, int]] = {}
         for p in self.param_groups[0]["params"]:
-            if p.grad is not None:
-                marks[p] = (weakref.ref(p.grad), p.grad._version)
-        self._grad_marks = marks
+            if p.grad is None:
+                _GRAD_MARKS.pop(id(p), None)
+            else:
+                _GRAD_MARKS[id(p)] = (weakref.ref(p, _unmark(id(p))), weakref.ref(p.grad), p.grad._version)
 
     def _accumulated(self) -> bool:
         """Whether some ``.grad`` changed since this optimizer last consumed or zeroed the gradients."""
@@ -493,8 +497,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            m = self._grad_marks.get(p)
-            if m is None or m[0]() is not g or g._version != m[1]:
+            m = _GRAD_MARKS.get(id(p))
+            if m is None or m[0]() is not p or m[1]() is not g or g._version != m[2]:
                 return True
         return False
 
@@ -622,6 +626,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _step(self, closure: Closure | None, **options: Any) -> tuple[Tensor | None, bool]:
         raise NotImplementedError
+
+
+def _unmark(key: int) -> Callable[[Any], None]:
+    return lambda _ref: _GRAD_MARKS.pop(key, None)
 
 
 def _check_loss(loss: object, pair: bool) -> Tensor:

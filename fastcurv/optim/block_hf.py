@@ -140,7 +140,7 @@ class BlockHF(_DampedKrylov):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None = None,
         lr: float | Tensor = 1.0,
         damping: float | Tensor = 0.5,
         *,
@@ -238,9 +238,9 @@ class BlockHF(_DampedKrylov):
             return None
         return self._flat.cat(prev) * self.cg_decay
 
-    def _direction(self, batch: tuple[Any, Any], g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
+    def _direction(self, batch: Any, g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
         op = _BlockGGNOperator(
-            self._net, self.loss_fn, batch, self._flat, self._block_index, self._block_reducer()
+            self._net, self._source_loss(batch), batch, self._flat, self._block_index, self._block_reducer()
         )
         res = truncated_cg(
             op, -g, self._segments, shift=lam, x0=self._warm_start(), max_iters=self.max_cg_iters, tol=self.cg_tol,

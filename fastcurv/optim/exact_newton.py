@@ -500,7 +500,7 @@ class ExactNewton(CurvatureOptimizer):
         handles.append(unwrap(self.model).register_forward_hook(model_hook))
         try:
             with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
-                loss = self._eval_closure(closure, backward=False)
+                loss, _, self._last_loss, _ = self._eval_closure(closure, backward=False, output=True)
             with torch.enable_grad():
                 if len(zs) != 1 or any(len(r) != 1 for r in inputs):
                     raise RuntimeError(
@@ -536,18 +536,6 @@ class ExactNewton(CurvatureOptimizer):
             [r[0].to(dt) for r in inputs], [r[0].to(dt) for r in outputs], z.to(dt), dzs[-1].to(dt)
         )
 
-    def _eval_closure(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
-        # as the base, but keep the undetached loss for the gradient to the output
-        if closure is None:
-            raise ValueError("ExactNewton.step needs a closure (step(lambda: loss_fn(model(x), y))) or batch=(x, y)")
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
-        self._last_loss = loss
-        return loss.detach()
-
     def _resolve(self, closure: Closure | None, batch: Sequence[Any] | None) -> Closure:
         if closure is not None and batch is not None:
             raise TypeError("ExactNewton.step takes a closure or batch=(x, y), not both")
@@ -564,19 +552,12 @@ class ExactNewton(CurvatureOptimizer):
         return closure
 
     # ------------------------------------------------------------------ public
-    @torch.no_grad()
-    def step(  # type: ignore[override]
-        self, closure: Closure | None = None, *, batch: Sequence[Any] | None = None
-    ) -> Tensor:
-        """One exact stochastic Newton step; returns the loss at the start of the step (detached)."""
-        self._check_hyper_types()
-        loss, ok = self._step_full(self._resolve(closure, batch))
-        if ok:
-            self._counters["steps"] += 1
-        return loss
+    _step_options = frozenset({"batch"})
 
-    def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:  # pragma: no cover - step is overridden
-        raise NotImplementedError
+    def _step(self, closure: Closure | None, batch: Sequence[Any] | None = None) -> tuple[Tensor | None, bool]:
+        """One exact stochastic Newton step (``step(closure)`` or ``step(batch=(x, y))``); returns the loss at
+        the start of the step (detached)."""
+        return self._step_full(self._resolve(closure, batch))
 
     @torch.no_grad()
     def hessian_factors(

@@ -284,7 +284,7 @@ def test_bad_construction_and_calls():
     with pytest.raises(TypeError, match="nn.Module"):
         BlockHF(list(m.parameters()), F.cross_entropy)
     with pytest.raises(TypeError, match="loss_fn"):
-        BlockHF(m, None)
+        BlockHF(m, "ce")
     with pytest.raises(ValueError, match="overlap"):
         BlockHF(m, F.cross_entropy, blocks=[[m[0].weight], [m[0].weight, m[0].bias]])
     with pytest.raises(ValueError, match="not a trainable parameter"):
