@@ -311,8 +311,8 @@ def test_bad_construction_and_calls():
         BlockHF(m, F.cross_entropy, fallback="lion")
     opt = BlockHF(m, F.cross_entropy)
     params = _params(m)
-    with pytest.raises(ValueError, match="batch="):
-        opt.step(lambda: F.cross_entropy(m(x), y))
+    with pytest.raises(ValueError, match="curvature_batch"):
+        BlockHF(m, curvature_batch=0.5).step(lambda: F.cross_entropy(m(x), y))
     with pytest.raises(TypeError, match="pair"):
         opt.step(batch=(x, y, y))
     assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
