@@ -235,6 +235,8 @@ def _mse_sample(z: Tensor, t: Tensor) -> Tensor:
 
 
 def _parse_loss(loss_fn: object) -> _LossSpec:
+    if loss_fn is None:  # the closure's own loss; per-sample output Hessians by autograd (_autograd_output_hessians)
+        return _LossSpec("autograd", "sample", None)  # type: ignore[arg-type]
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
             raise ValueError(f"ExactNewton: loss_fn must be one of {LOSSES} or a supported torch loss, got {loss_fn!r}")
@@ -319,6 +321,27 @@ class _Record:
     #: :math:`\nabla_z\ell_n` = ``n_scale`` * dz: the batch size the loss is a mean over (a sum over the
     #: global batch: the global size); None = this batch's size
     n_scale: int | None = None
+    #: ``loss_fn=None``: :math:`\partial^2 L/\partial z_n^2` per sample ``(N, K, K)`` by autograd (scaled like dz)
+    dzz: Tensor | None = None
+
+
+def _autograd_output_hessians(loss: Tensor, z: Tensor) -> Tensor:
+    r""":math:`\partial^2 L/\partial z_n^2` for every sample ``(N, K, K)``, by K backward passes of
+    :math:`\partial L/\partial z_{\cdot k}` summed over samples (exact when :math:`L` is a sum of per-sample
+    terms: the cross-sample blocks are zero)."""
+    n, k = z.shape
+    out = torch.zeros(n, k, k, dtype=z.dtype, device=z.device)
+    if not (loss.requires_grad and z.requires_grad):
+        return out
+    with torch.enable_grad():
+        (gz,) = torch.autograd.grad(loss, z, create_graph=True, allow_unused=True)
+        if gz is None or not gz.requires_grad:  # linear in z
+            return out
+        for j in range(k):
+            (row,) = torch.autograd.grad(gz[:, j].sum(), z, retain_graph=True, allow_unused=True)
+            if row is not None:
+                out[:, j, :] = row.detach()
+    return out
 
 
 def _factors(
@@ -330,7 +353,7 @@ def _factors(
     n_total = rec.z.shape[0] if rec.n_scale is None else rec.n_scale
     z = rec.z[sl]
     gz = rec.dz[sl] * n_total
-    hz = _loss_hessian(spec, z, gz, n_total)
+    hz = _loss_hessian(spec, z, gz, n_total) if rec.dzz is None else rec.dzz[sl] * n_total
     last = len(layers) - 1
     d1, d2 = _activation_derivatives(layers[last].acts, rec.outputs[last][sl])
     g = d1 * gz
@@ -414,7 +437,10 @@ class ExactNewton(CurvatureOptimizer):
     Args:
         model: an ``nn.Sequential`` MLP (``nn.Linear`` + elementwise activations).
         loss_fn: the loss the closure computes: ``"ce"``, ``"bce"``, ``"mse"`` or a supported torch loss (see
-            *Losses* in the module docstring); anything else raises ``ValueError``.
+            *Losses* in the module docstring; analytic output Hessians, and ``step(batch=)`` works), or ``None``
+            (default): any loss that is a mean of per-sample terms; its per-sample output Hessians
+            :math:`N\,\partial^2 L/\partial z_n^2` come from autograd on the closure's own loss graph (K extra
+            backward passes through the loss only, K = outputs per sample).
         lr: step length :math:`\eta` (0-d tensor hyperparameter), default 1.
         damping: Tikhonov regularisation :math:`\rho \ge 0` (0 = pseudo-inverse), default 1.
         eig_floor: floor on the adjusted eigenvalues :math:`\lVert\bar a\rVert^2|\lambda_i|` (default 0; a
@@ -434,7 +460,7 @@ class ExactNewton(CurvatureOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: str | Callable[..., Tensor],
+        loss_fn: str | Callable[..., Tensor] | None = None,
         lr: float | Tensor = 1.0,
         damping: float | Tensor = 1.0,
         *,
@@ -462,7 +488,8 @@ class ExactNewton(CurvatureOptimizer):
         self._psd: list[bool] = []
         ok = True
         for lay in reversed(layers):
-            ok = ok and all(isinstance(m, _PIECEWISE_LINEAR) for m in lay.acts)
+            # (an arbitrary loss, loss_fn=None, need not be convex in z: no Cholesky fast path)
+            ok = ok and self._spec.kind != "autograd" and all(isinstance(m, _PIECEWISE_LINEAR) for m in lay.acts)
             self._psd.append(ok)
         self._psd.reverse()
         mapping = {}
@@ -498,9 +525,12 @@ class ExactNewton(CurvatureOptimizer):
 
         handles = [lay.module.register_forward_hook(layer_hook(i)) for i, lay in enumerate(self._layers)]
         handles.append(unwrap(self.model).register_forward_hook(model_hook))
+        auto = self._spec.kind == "autograd"
         try:
             with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
-                loss, _, self._last_loss, _ = self._eval_closure(closure, backward=False, output=True)
+                loss, _, self._last_loss, _ = self._eval_closure(
+                    closure, backward=False, output=True, retain_graph=auto
+                )
             with torch.enable_grad():
                 if len(zs) != 1 or any(len(r) != 1 for r in inputs):
                     raise RuntimeError(
@@ -515,6 +545,9 @@ class ExactNewton(CurvatureOptimizer):
                         dzs.append(torch.zeros_like(z) if dz is None else dz.detach())
                     else:
                         dzs.append(torch.zeros_like(z))
+                n_dz = len(dzs)
+                dzz = _autograd_output_hessians(self._last_loss, z) if auto else None
+                del dzs[n_dz:]  # (the output's gradient hook saw the Hessian rows' backward passes too)
         finally:
             for hd in handles:
                 hd.remove()
@@ -533,13 +566,16 @@ class ExactNewton(CurvatureOptimizer):
         # parameters' dtype (float32 state for a low-precision forward)
         dt = self._layers[-1].module.weight.dtype
         return loss, _Record(
-            [r[0].to(dt) for r in inputs], [r[0].to(dt) for r in outputs], z.to(dt), dzs[-1].to(dt)
+            [r[0].to(dt) for r in inputs], [r[0].to(dt) for r in outputs], z.to(dt), dzs[-1].to(dt),
+            dzz=None if dzz is None else dzz.to(dt),
         )
 
     def _resolve(self, closure: Closure | None, batch: Sequence[Any] | None) -> Closure:
         if closure is not None and batch is not None:
             raise TypeError("ExactNewton.step takes a closure or batch=(x, y), not both")
         if batch is not None:
+            if self._spec.fn is None:
+                raise ValueError("ExactNewton.step(batch=...) needs loss_fn at construction; or pass a closure")
             if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"ExactNewton.step: batch must be a pair (inputs, targets), got {type(batch).__name__}")
             x, y = batch
