@@ -95,7 +95,7 @@ from torch import Tensor, nn
 
 from fastcurv import ops
 from fastcurv import distributed as fdist
-from fastcurv.capture import Capture
+from fastcurv.capture import Capture, base_type
 from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
 from fastcurv.optim._lbfgs import lbfgs_append, lbfgs_apply, lbfgs_memory
 
@@ -311,13 +311,8 @@ def _select_layers(model: nn.Module) -> tuple[list[nn.Module], list[str]]:
     notes: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if type(m) not in (nn.Linear, nn.Conv2d):
-                why = (
-                    "already captured by another optimizer/Capture"
-                    if type(m).__name__.startswith("Captured")
-                    else f"{type(m).__name__} is a subclass"
-                )
-                notes.append(f"{name or '<root>'}: {why}")
+            if base_type(m) not in (nn.Linear, nn.Conv2d):  # (a captured layer is taken over)
+                notes.append(f"{name or '<root>'}: {type(m).__name__} is a subclass")
                 continue
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 notes.append(f"{name}: grouped convolution (groups={m.groups})")

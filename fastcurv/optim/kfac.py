@@ -106,7 +106,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastcurv.capture import Capture, LayerStats
+from fastcurv.capture import Capture, LayerStats, base_type
 from fastcurv.optim._base import Closure, CurvatureOptimizer, maybe_compile
 
 __all__ = ["KFAC"]
@@ -330,12 +330,6 @@ class KFAC(CurvatureOptimizer):
                 f"KFAC is constructed from the model (an nn.Module), e.g. KFAC(model, lr=...); got "
                 f"{type(model).__name__}"
             )
-        attached = [n for n, mod in model.named_modules() if hasattr(mod, "_fastcurv_stats")]
-        if attached:
-            raise ValueError(
-                f"KFAC: the model's layers {attached[:3]}{'...' if len(attached) > 3 else ''} are already captured "
-                f"by another fastcurv optimizer or Capture; call its .remove() first"
-            )
         params = [p for p in model.parameters() if p.requires_grad]
         if factor_dtype is None and params:
             factor_dtype = params[0].dtype if params[0].dtype in (torch.float32, torch.float64) else torch.float32
@@ -378,7 +372,7 @@ class KFAC(CurvatureOptimizer):
         if layers is None:  # capture's default selection, minus layers with frozen parameters
             cap_layers: list[nn.Module | str] = [
                 m for m in model.modules()
-                if type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1 and m.weight in trainable
+                if base_type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1 and m.weight in trainable
                 and (m.bias is None or m.bias in trainable)
             ]
         else:
