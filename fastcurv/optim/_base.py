@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastcurv.distributed import communicator, is_ddp
+from fastcurv.distributed import communicator, is_ddp, no_sync
 
 __all__ = ["CurvatureOptimizer", "Closure", "maybe_compile"]
 
@@ -560,13 +560,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def _replaying_closure(self) -> Iterator[list[Tensor]]:
         """Context for evaluating the closure again within a step: its ``zero_grad()`` and ``backward()``
-        calls do nothing (the tensors ``backward()`` was called on are collected in the yielded list), and
-        every ``.grad`` is the same afterwards."""
+        calls do nothing (the tensors ``backward()`` was called on are collected in the yielded list), every
+        ``.grad`` is the same afterwards, and a DDP wrapper does not sync (``no_sync``)."""
         params = self.param_groups[0]["params"]
         grads = [p.grad for p in params]
         self._replaying = True
-        try:
-            with _observed_backward(run=False) as calls:
+        try:  # (inside DDP's no_sync: a replayed forward is never followed by a DDP backward)
+            with no_sync(self.model), _observed_backward(run=False) as calls:
                 yield calls
         finally:
             self._replaying = False
