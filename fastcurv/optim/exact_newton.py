@@ -541,7 +541,7 @@ class ExactNewton(CurvatureOptimizer):
                 if not dzs:  # the closure did not backpropagate itself: gradient to the output only
                     raw = self._last_loss
                     if raw.requires_grad and z.requires_grad:
-                        (dz,) = torch.autograd.grad(raw, z, allow_unused=True)
+                        (dz,) = torch.autograd.grad(raw, z, allow_unused=True, retain_graph=auto)
                         dzs.append(torch.zeros_like(z) if dz is None else dz.detach())
                     else:
                         dzs.append(torch.zeros_like(z))
