@@ -172,6 +172,18 @@ def _flatten(seq: nn.Sequential, prefix: str) -> Iterator[tuple[str, nn.Module]]
             yield name, m
 
 
+def _find_sequential(model: nn.Module) -> nn.Module:
+    """``model`` itself if it is an ``nn.Sequential``; else its one ``nn.Sequential`` submodule holding every
+    trainable parameter (a LightningModule or wrapper around the MLP); else ``model`` (rejected by the parser)."""
+    if type(model) is nn.Sequential:
+        return model
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    for m in model.modules():
+        if type(m) is nn.Sequential and {id(p) for p in m.parameters() if p.requires_grad} == trainable:
+            return m
+    return model
+
+
 def _parse_model(model: object) -> list[_Layer]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"ExactNewton is constructed from the model (an nn.Module), got {type(model).__name__}")
@@ -471,7 +483,10 @@ class ExactNewton(CurvatureOptimizer):
         distributed: str = "replicate",
         process_group: Any = None,
     ) -> None:
-        layers = _parse_model(unwrap(model) if isinstance(model, nn.Module) else model)
+        #: the nn.Sequential the recursion runs on: the model, or (a LightningModule, a wrapper) the one
+        #: nn.Sequential that holds every trainable parameter; its output is the z of the recursion
+        self._seq = _find_sequential(unwrap(model)) if isinstance(model, nn.Module) else model
+        layers = _parse_model(self._seq)
         self._spec = _parse_loss(loss_fn)
         bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         if chunk_size is not None and bad_chunk:
@@ -524,7 +539,7 @@ class ExactNewton(CurvatureOptimizer):
                 out.register_hook(lambda gr: dzs.append(gr.detach()))
 
         handles = [lay.module.register_forward_hook(layer_hook(i)) for i, lay in enumerate(self._layers)]
-        handles.append(unwrap(self.model).register_forward_hook(model_hook))
+        handles.append(self._seq.register_forward_hook(model_hook))
         auto = self._spec.kind == "autograd"
         try:
             with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
