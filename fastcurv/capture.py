@@ -77,7 +77,7 @@ types, ``Conv2d`` with ``groups > 1``, and modules whose weights are used withou
 ``forward`` (e.g. ``nn.MultiheadAttention.out_proj``) — the latter are not detectable, and their counters
 stay 0. Buffers are allocated on the module's device; :meth:`Capture.reset` re-allocates them if the
 module moved. A ``copy.deepcopy`` of a captured model gets independent statistics not listed in
-``cap.layers``.
+``cap.layers``; a new Capture on it (or on the original model) takes its layers over (:class:`Capture`).
 """
 
 from __future__ import annotations
@@ -419,8 +419,11 @@ class Capture:
     layers
         None: every ``nn.Linear`` / ``nn.Conv2d`` (exact types, ``groups=1``) in ``model.named_modules()``.
         Otherwise an iterable of modules or of their qualified names; subclasses are accepted if they do
-        not override ``forward``. Unsupported entries raise ``TypeError``, and so does a layer already
-        captured by another live Capture (either way nothing is swapped).
+        not override ``forward``. Unsupported entries raise ``TypeError`` (nothing is swapped). A layer
+        already captured by another Capture (a second optimizer on the same model, or a ``copy.deepcopy`` of
+        a captured model) is **taken over**: it feeds this Capture from now on, and the other one's
+        :meth:`check_owner` raises (the optimizers call it at every step) and its :meth:`remove` leaves the
+        layer alone.
     dtype
         Statistics dtype: ``torch.float32`` (default) or ``torch.float64``. bf16/fp16 activations are
         fine (the factor op accumulates in float32).

@@ -10,8 +10,10 @@ r"""Block-diagonal Hessian-free optimisation (Zhang, Xiong, Bradbury & Socher, a
    relative-progress CG stop, an iteration cap, a smaller curvature minibatch). Martens' CG-iterate
    backtracking, line search and diagonal preconditioner are not implemented.
 
-Step protocol (as :class:`fastcurv.optim.NewtonCG`)::
+Step protocol (as :class:`fastcurv.optim.NewtonCG`; the GGN products replay the closure)::
 
+    opt = BlockHF(model)
+    loss = opt.step(closure)                   # LBFGS-style or forward-only closure
     opt = BlockHF(model, loss_fn, curvature_batch=0.25)
     loss = opt.step(batch=(x, y))              # gradient on (x, y), curvature on its first quarter
     loss = opt.step(closure, batch=(xc, yc))   # gradient from closure(), curvature on (xc, yc)
@@ -114,14 +116,16 @@ class BlockHF(_DampedKrylov):
 
     Args:
         model: the model.
-        loss_fn: ``loss_fn(model(x), y)`` returns the scalar loss (curvature products and default closure).
-            The GGN's loss Hessian is analytic for CE / BCE-with-logits / MSE, else by autograd.
+        loss_fn: optional; ``loss_fn(model(x), y)`` returns the scalar loss (curvature products on
+            ``step(batch=)``, and default closure). The GGN's loss Hessian is analytic for CE /
+            BCE-with-logits / MSE, else by autograd; with ``step(closure)`` alone it comes from the closure's
+            own loss by autograd.
         lr: step length :math:`\eta` (0-d tensor hyperparameter), default 1.
         damping: initial Tikhonov damping :math:`\lambda` (default 0.5, Martens' :math:`\lambda_0`).
         blocks: ``None`` (one block per module owning trainable parameters) or a list of blocks, each a
             list of parameters or a module; parameters left out go to the ``fallback`` rule.
         curvature_batch: ``None`` (the whole ``batch``), a fraction in (0, 1] or a number of samples (>= 1)
-            taken from the front of ``batch`` for the curvature products.
+            taken from the front of ``batch`` for the curvature products (needs ``step(batch=)``).
         max_cg_iters: CG cap (default 50).
         cg_tol: relative residual tolerance (default 1e-6).
         progress_tol: Martens' relative-progress threshold (default 1e-4; ``None`` turns it off).

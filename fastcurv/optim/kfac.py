@@ -55,12 +55,19 @@ weight-sharing "expand" convention); for 2-D inputs :math:`L = 1`.
 Fisher (``fisher``):
 
 * ``"empirical"`` (default): :math:`g` from the backward of the training loss itself. Works with the plain
-  loop ``loss.backward(); opt.step()`` and with ``opt.step(closure)``. In the plain loop the statistics are
-  those of every grad-enabled forward/backward since the previous step (a running mean, so gradient
-  accumulation over micro-batches works); run evaluation forwards under ``torch.no_grad()``.
+  loop ``loss.backward(); opt.step()`` and with ``opt.step(closure)``. The statistics are those of every
+  grad-enabled forward/backward since the previous step (a running mean over all rows), so **gradient
+  accumulation** over :math:`k` micro-batches works in both forms (Lightning's ``accumulate_grad_batches``:
+  the closure of the last micro-batch does not zero, and ``step(closure)`` keeps what was accumulated).
+  Convention: each micro-batch loss is divided by :math:`k` (as Lightning does), so that the accumulated
+  gradient is that of the mean over all :math:`kN` samples; the tap scales :math:`g` by the micro-batch's
+  :math:`N`, so :math:`G` is multiplied by :math:`k^2` (:math:`k` = backward passes that reached the layer's
+  weight since the last step, counted by a post-accumulate-grad hook). Exact for equal micro-batch sizes.
+  Run evaluation forwards under ``torch.no_grad()``.
 * ``"sampled"`` (the code baseline; the true Fisher): :math:`g` from a second backward of the negative
   log-likelihood at targets sampled from the model's predictive distribution. The closure returns
-  ``(loss, output)`` (forward only); the optimizer backpropagates ``loss`` for the gradient, then builds
+  ``(loss, output)`` (forward only, or calling ``backward()`` itself: its graph is then retained); the
+  optimizer backpropagates ``loss`` for the gradient, then builds
   :math:`\tilde L = \frac1N\sum_i -\log p(\tilde t_i \mid z_i)` (summed over non-batch dimensions) with
   ``likelihood``:
 
@@ -230,8 +237,8 @@ class KFAC(CurvatureOptimizer):
     Usage::
 
         opt = KFAC(model, lr=1.0, damping=3.0)
-        for x, y in loader:                          # closure form (forward only; the optimizer backpropagates)
-            opt.step(lambda: loss_fn(model(x), y))
+        for x, y in loader:                          # closure form (forward only; the optimizer backpropagates,
+            opt.step(lambda: loss_fn(model(x), y))   # or LBFGS-style: zero_grad(); loss.backward(); return loss)
         # or the plain loop (empirical Fisher):
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
         # sampled (true) Fisher: the closure also returns the model output

@@ -11,16 +11,29 @@ r"""Newton–CG with complex-step Hessian-vector products (Newton–Krylov with 
 
 Step protocol
 -------------
-Curvature products need the model, the loss function and the minibatch, so the optimizer is built with the
-loss function and each step gets the minibatch::
+Built from the model alone and stepped with a closure, like every fastcurv optimizer::
+
+    opt = NewtonCG(model)                          # or NewtonCG(model, method="ggn", damping=0.3, ...)
+    def closure():                                 # LBFGS-style (Lightning's automatic optimization) ...
+        opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
+    loss = opt.step(closure)                       # ... or forward only: opt.step(lambda: loss_fn(model(x), y))
+
+The closure is the objective: its gradient is :math:`g`; the curvature products **replay it** with its
+``zero_grad()``/``backward()`` turned into no-ops (:meth:`fastcurv.optim.CurvatureOptimizer._replay`), so the
+user's forward and loss are used as written: ``"complex-step"`` with every parameter :math:`W` substituted
+by the planes :math:`W + ih\,v_W` (``torch.func``-style reparametrisation of the module), ``"double-backward"``
+from one replay with a ``create_graph`` gradient, ``"ggn"`` from one replay in which a forward hook cuts the
+model's output :math:`o` from the loss (so :math:`H_\ell u` comes from the closure's own loss by double
+backward; the closure must call the model the optimizer was built from exactly once — in a LightningModule,
+``training_step`` calls ``self(x)``). The trial loss is one more replay without gradients. A closure
+replay costs a forward more than calling the loss directly, so the option stays::
 
     opt = NewtonCG(model, loss_fn)                 # loss_fn(model(x), y) -> scalar
-    loss = opt.step(batch=(x, y))                  # gradient and curvature on (x, y)
+    loss = opt.step(batch=(x, y))                  # products run loss_fn(model(x), y) directly
     loss = opt.step(closure, batch=(x, y))         # gradient from closure(), curvature on (x, y)
 
-``closure()`` runs the forward pass and returns the loss (the optimizer calls ``backward``), as for every
-fastcurv optimizer; without one it is ``lambda: loss_fn(model(x), y)``. The closure is the objective: its
-gradient is :math:`g`, and it is evaluated once more, without gradients, at the trial point.
+Gradients accumulated before the step (a backward since the last step or ``zero_grad``) raise
+``ValueError``: the closure replays see only the last micro-batch.
 
 One step (parameters :math:`\theta`, all trainable parameters form one block)
 -----------------------------------------------------------------------------
@@ -738,8 +751,9 @@ class NewtonCG(_DampedKrylov):
 
     Args:
         model: the model; every trainable parameter is in the Newton system (no fallback).
-        loss_fn: ``loss_fn(model(x), y)`` returns the scalar loss; used for curvature products on
-            ``batch`` (and as the default closure).
+        loss_fn: optional; ``loss_fn(model(x), y)`` returns the scalar loss, used for curvature products on
+            ``step(batch=(x, y))`` (and as the default closure). Without it, ``step(closure)`` replays the
+            closure for the curvature products.
         lr: step length :math:`\eta` applied to the CG direction (0-d tensor hyperparameter), default 1.
         damping: initial Tikhonov/LM damping :math:`\lambda` (>= 0), default 1.
         method: curvature product, ``"complex-step"`` (default), ``"double-backward"`` or ``"ggn"``.
@@ -762,9 +776,9 @@ class NewtonCG(_DampedKrylov):
 
     Example::
 
-        opt = NewtonCG(model, F.cross_entropy)
+        opt = NewtonCG(model)
         for x, y in loader:
-            loss = opt.step(batch=(x, y))
+            loss = opt.step(lambda: F.cross_entropy(model(x), y))
     """
 
     def __init__(
