@@ -645,24 +645,45 @@ def _check_loss(loss: object, pair: bool) -> Tensor:
 
 @contextlib.contextmanager
 def _observed_backward(*, run: bool, retain_graph: bool = False) -> Iterator[list[Tensor]]:
-    """Observe the ``Tensor.backward()`` calls made inside the block (a closure's own backward): the tensors are
-    collected in the yielded list; ``run=False`` turns the calls into no-ops, ``retain_graph`` keeps the graph.
+    """Observe the backward calls made inside the block (a closure's own backward): the tensors are collected
+    in the yielded list; ``run=False`` turns the calls into no-ops, ``retain_graph`` keeps the graph.
 
-    ``torch.Tensor.backward`` is swapped for the duration of the block (one optimizer step on one thread; the
-    original is restored on exit). Lightning's ``manual_backward``/``strategy.backward`` and
-    ``GradScaler.scale(loss).backward()`` all end in ``Tensor.backward``."""
+    ``torch.Tensor.backward`` and ``torch.autograd.backward`` are swapped for the duration of the block (one
+    optimizer step on one thread; the originals are restored on exit). Lightning's ``manual_backward`` /
+    ``strategy.backward``, ``accelerate``'s ``backward`` and ``GradScaler.scale(loss).backward()`` all end in
+    one of them."""
     calls: list[Tensor] = []
-    orig = torch.Tensor.backward
+    orig_t, orig_a = torch.Tensor.backward, torch.autograd.backward
+    depth = [0]
 
-    def backward(self: Tensor, gradient: Any = None, retain_graph_: Any = None, create_graph: bool = False,
-                 inputs: Any = None, **kw: Any) -> None:
+    def tensor_backward(self: Tensor, gradient: Any = None, retain_graph_: Any = None, create_graph: bool = False,
+                        inputs: Any = None, **kw: Any) -> None:
         calls.append(self)
         if run:
             rg = kw.pop("retain_graph", retain_graph_)
-            orig(self, gradient, True if retain_graph else rg, create_graph, inputs)
+            depth[0] += 1
+            try:
+                orig_t(self, gradient, True if retain_graph else rg, create_graph, inputs)
+            finally:
+                depth[0] -= 1
 
-    torch.Tensor.backward = backward  # type: ignore[method-assign]
+    def autograd_backward(tensors: Any, *args: Any, **kw: Any) -> None:
+        if depth[0]:  # called by Tensor.backward above: already recorded
+            return orig_a(tensors, *args, **kw)
+        ts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        calls.extend(t for t in ts if isinstance(t, Tensor))
+        if run:
+            if retain_graph:
+                if len(args) >= 2:
+                    args = (args[0], True, *args[2:])
+                else:
+                    kw["retain_graph"] = True
+            orig_a(tensors, *args, **kw)
+
+    torch.Tensor.backward = tensor_backward  # type: ignore[method-assign]
+    torch.autograd.backward = autograd_backward  # type: ignore[assignment]
     try:
         yield calls
     finally:
-        torch.Tensor.backward = orig  # type: ignore[method-assign]
+        torch.Tensor.backward = orig_t  # type: ignore[method-assign]
+        torch.autograd.backward = orig_a  # type: ignore[assignment]

@@ -281,3 +281,21 @@ def test_one_rule_for_layers_that_fall_back(cls) -> None:
 def test_nothing_to_precondition_raises_for_every_optimizer(cls) -> None:
     with pytest.raises(ValueError, match="precondition"):
         cls(nn.Sequential(nn.LayerNorm(4)))
+
+
+@pytest.mark.parametrize("name", ["kfac", "kbfgs", "newton_cg", "exact_newton"])
+def test_a_closure_calling_torch_autograd_backward_is_not_backpropagated_twice(name: str) -> None:
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1, o2 = OPTIMIZERS[name](m1), OPTIMIZERS[name](m2)
+
+    def closure():
+        o1.zero_grad()
+        loss = F.cross_entropy(m1(x), y)
+        torch.autograd.backward(loss)
+        return loss
+
+    for _ in range(2):
+        o1.step(closure)
+        o2.step(lambda: F.cross_entropy(m2(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
