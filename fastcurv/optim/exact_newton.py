@@ -92,11 +92,21 @@ Losses (per-sample :math:`\ell_n` defined by :math:`L = \frac1N\sum_n\ell_n`)
 The per-sample output gradient is :math:`\nabla_z\ell_n = N\,\partial L/\partial z_n` (one backward of the
 loss to the output only). The closure must compute exactly the declared loss of ``model(x)``.
 
-Step protocol::
+Without ``loss_fn`` (the default) the loss is whatever the closure computes, as long as it is a mean of
+per-sample terms: the per-sample output Hessians :math:`\nabla_z^2\ell_n = N\,\partial^2L/\partial z_n^2`
+come from autograd on the closure's loss graph (:math:`K` backward passes through the loss only, :math:`K` =
+outputs per sample; the graph is kept for them even when the closure calls ``backward()`` itself), and the
+Cholesky fast path is off (the loss need not be convex in :math:`z`).
 
-    opt = ExactNewton(model, loss_fn="ce", lr=0.5, damping=1.0)
+Step protocol (the closure is LBFGS-style or forward-only, as for every fastcurv optimizer)::
+
+    opt = ExactNewton(model, lr=0.5, damping=1.0)             # any per-sample-mean loss, by autograd
     loss = opt.step(lambda: F.cross_entropy(model(x), y))     # the closure runs the forward once
+    opt = ExactNewton(model, loss_fn="ce", lr=0.5, damping=1.0)  # analytic loss Hessians (faster)
     loss = opt.step(batch=(x, y))                             # same, with loss_fn(model(x), y)
+
+The model is an ``nn.Sequential`` MLP, or a module (a LightningModule, a wrapper) with exactly one
+``nn.Sequential`` holding every trainable parameter; the output of that ``nn.Sequential`` is :math:`z`.
 
 The layers' inputs and outputs are recorded by forward hooks registered for the duration of the closure
 (removed afterwards); the closure must call the model exactly once. After the step each parameter's
