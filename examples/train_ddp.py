@@ -4,8 +4,9 @@
     torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --optimizer newton-cg --epochs 1
 
 CPU processes use the gloo backend; with one GPU per process (``torchrun --nproc_per_node=<GPUs>``) NCCL.
-Every rank prints nothing but rank 0, which prints the loss per epoch (the global mean for the Newton-type
-methods, rank 0's local mean for the others) and the optimizer's health counters, and saves a checkpoint
+Every optimizer is built from the model alone and trains with the same LBFGS-style closure. Every rank prints
+nothing but rank 0, which prints the loss per epoch (the global mean for the Newton-type methods, rank 0's
+local mean for the others) and the optimizer's health counters, and saves a checkpoint
 whose optimizer state restores on any world size (the state is replicated). See docs/distributed.md.
 """
 
@@ -31,7 +32,7 @@ def loss_fn(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(name: str, ddp: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer, built from the DDP wrapper (the layers are found inside ``.module``)."""
+    """The optimizer, built from the DDP wrapper alone (the layers are found inside ``.module``)."""
     if name == "kfac":
         return KFAC(ddp, lr=0.3, damping=0.3, distributed="owner")  # factorisations split over the ranks
     if name == "kbfgs":
@@ -39,11 +40,11 @@ def make_optimizer(name: str, ddp: nn.Module) -> torch.optim.Optimizer:
     if name == "kbfgsl":
         return KBFGSL(ddp, lr=0.3, damping=0.7)
     if name == "newton-cg":
-        return NewtonCG(ddp, loss_fn, method="ggn", damping=1.0, max_cg_iters=10)
+        return NewtonCG(ddp, method="ggn", damping=1.0, max_cg_iters=10)
     if name == "block-hf":
-        return BlockHF(ddp, loss_fn, damping=1.0, max_cg_iters=10)
+        return BlockHF(ddp, damping=1.0, max_cg_iters=10)
     if name == "exact-newton":
-        return ExactNewton(ddp, "bce", lr=0.5, damping=1.0)
+        return ExactNewton(ddp, lr=0.5, damping=1.0)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -73,17 +74,22 @@ def main() -> None:
                           nn.Tanh(), nn.Linear(32, 64)).to(device)
     ddp = DDP(model, device_ids=[device.index] if cuda else None)
     opt = make_optimizer(args.optimizer, ddp)
-    newton = isinstance(opt, (NewtonCG, BlockHF, ExactNewton))
 
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         total, batches = 0.0, 0
         for (x,) in loader:
             x = x.to(device)
-            if newton:  # gradients, curvature products and the loss are reduced by the optimizer
-                loss = opt.step(batch=(x, x))
-            else:  # DDP averages the gradients; the optimizer reduces its curvature statistics
-                loss = opt.step(lambda: loss_fn(ddp(x), x))
+
+            def closure() -> torch.Tensor:  # the torch.optim protocol, the same for every optimizer
+                opt.zero_grad()
+                loss = loss_fn(ddp(x), x)
+                loss.backward()
+                return loss
+
+            # DDP (or, for the Newton-type methods, the optimizer) averages the gradients; the optimizer
+            # reduces its curvature (statistics or products) over the ranks
+            loss = opt.step(closure)
             total += float(loss)
             batches += 1
         if rank == 0:

@@ -77,7 +77,7 @@ types, ``Conv2d`` with ``groups > 1``, and modules whose weights are used withou
 ``forward`` (e.g. ``nn.MultiheadAttention.out_proj``) — the latter are not detectable, and their counters
 stay 0. Buffers are allocated on the module's device; :meth:`Capture.reset` re-allocates them if the
 module moved. A ``copy.deepcopy`` of a captured model gets independent statistics not listed in
-``cap.layers``.
+``cap.layers``; a new Capture on it (or on the original model) takes its layers over (:class:`Capture`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ from torch import Tensor, nn
 
 from fastcurv import ops
 
-__all__ = ["Capture", "LayerStats", "Mode", "STATS", "CapturedLinear", "CapturedConv2d", "is_captured"]
+__all__ = [
+    "Capture", "LayerStats", "Mode", "STATS", "CapturedLinear", "CapturedConv2d", "is_captured", "base_type",
+]
 
 STATS: tuple[str, ...] = ("A", "a_mean", "h_mean", "G", "g_mean")
 """Names of the statistics, in the order of the internal flag tuple."""
@@ -379,10 +381,17 @@ def is_captured(module: nn.Module) -> bool:
     return isinstance(module, _CaptureMixin)
 
 
+def base_type(module: nn.Module) -> type:
+    """The class of ``module`` before a :class:`Capture` swapped it (``type(module)`` when not captured)."""
+    cls = type(module)
+    if issubclass(cls, _CaptureMixin):
+        return next(b for b in cls.__mro__[1:] if not issubclass(b, _CaptureMixin))
+    return cls
+
+
 def _supported(mod: nn.Module) -> str | None:
-    """None if ``mod`` can be captured, else the reason."""
-    if isinstance(mod, _CaptureMixin):
-        return "it is already captured by another Capture"
+    """None if ``mod`` can be captured (also when another Capture holds it: the new one takes over), else the
+    reason."""
     if isinstance(mod, nn.Linear):
         base = nn.Linear
     elif isinstance(mod, nn.Conv2d):
@@ -391,7 +400,7 @@ def _supported(mod: nn.Module) -> str | None:
             return f"grouped convolutions (groups={mod.groups}) are not supported"
     else:
         return f"{type(mod).__name__} is not an nn.Linear or nn.Conv2d"
-    if type(mod).forward is not base.forward:
+    if base_type(mod).forward is not base.forward:
         return f"{type(mod).__name__} overrides forward (only nn.Linear.forward / nn.Conv2d.forward are understood)"
     return None
 
@@ -410,8 +419,11 @@ class Capture:
     layers
         None: every ``nn.Linear`` / ``nn.Conv2d`` (exact types, ``groups=1``) in ``model.named_modules()``.
         Otherwise an iterable of modules or of their qualified names; subclasses are accepted if they do
-        not override ``forward``. Unsupported entries raise ``TypeError``, and so does a layer already
-        captured by another live Capture (either way nothing is swapped).
+        not override ``forward``. Unsupported entries raise ``TypeError`` (nothing is swapped). A layer
+        already captured by another Capture (a second optimizer on the same model, or a ``copy.deepcopy`` of
+        a captured model) is **taken over**: it feeds this Capture from now on, and the other one's
+        :meth:`check_owner` raises (the optimizers call it at every step) and its :meth:`remove` leaves the
+        layer alone.
     dtype
         Statistics dtype: ``torch.float32`` (default) or ``torch.float64``. bf16/fp16 activations are
         fine (the factor op accumulates in float32).
@@ -455,9 +467,7 @@ class Capture:
         if layers is None:
             chosen = []
             for m in names:
-                if isinstance(m, _CaptureMixin):
-                    raise TypeError(f"cannot capture {names[m] or '<root>'!r}: {_supported(m)}")
-                if type(m) in (nn.Linear, nn.Conv2d) and _supported(m) is None:
+                if base_type(m) in (nn.Linear, nn.Conv2d) and _supported(m) is None:
                     chosen.append(m)
         else:
             if isinstance(layers, (str, nn.Module)):
@@ -485,9 +495,10 @@ class Capture:
         self._orig: list[tuple[nn.Module, type]] = []
         for m in chosen:
             st = LayerStats(m, names[m], self._state, dtype)
-            self._orig.append((m, type(m)))
+            cls = base_type(m)  # a layer another Capture holds is taken over (that one then fails check_owner)
+            self._orig.append((m, cls))
             m._fastcurv_stats = st  # plain attribute (not a buffer): state_dict is unchanged
-            m.__class__ = _captured_class(type(m))
+            m.__class__ = _captured_class(cls)
             self.layers.append(st)
 
     # ---- modes ------------------------------------------------------------------------------------------
@@ -560,10 +571,26 @@ class Capture:
         in ``cap.layers`` stay readable; a compiled model recompiles at its next call."""
         if self._removed:
             return
-        for m, cls in self._orig:
-            m.__class__ = cls
-            m.__dict__.pop("_fastcurv_stats", None)
+        for (m, cls), st in zip(self._orig, self.layers):
+            if m.__dict__.get("_fastcurv_stats") is st:  # (a layer another Capture took over is left to it)
+                m.__class__ = cls
+                m.__dict__.pop("_fastcurv_stats", None)
         self._removed = True
+
+    def owns_all(self) -> bool:
+        """Whether every layer of this Capture still feeds it (False once another Capture took one over)."""
+        return not self._removed and all(st.module.__dict__.get("_fastcurv_stats") is st for st in self.layers)
+
+    def check_owner(self, who: str = "this optimizer") -> None:
+        """Raise ``RuntimeError`` if this Capture was removed or another one took over some of its layers."""
+        self._check_live()
+        lost = [st.name or "<root>" for st in self.layers if st.module.__dict__.get("_fastcurv_stats") is not st]
+        if lost:
+            raise RuntimeError(
+                f"{who}: layers {lost[:3]}{'...' if len(lost) > 3 else ''} were taken over by a newer fastcurv "
+                f"optimizer (or Capture) built on the same model; a model feeds one optimizer's statistics at a time. "
+                f"Step the newest optimizer, or build a new one"
+            )
 
     def _check_live(self) -> None:
         if self._removed:

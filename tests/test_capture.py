@@ -404,10 +404,15 @@ def test_layer_selection_and_unsupported_params() -> None:
     cap.remove()
     cap = Capture(model)
     assert [st.name for st in cap.layers] == ["2", "3"]  # grouped conv skipped by default
-    for kw in (dict(layers=[model[2]]), {}):
-        with pytest.raises(TypeError, match="already captured"):
-            Capture(model, **kw)
-    cap.remove()
+    cap.check_owner()
+    new = Capture(model, layers=[model[2]])  # a second Capture takes the layer over ...
+    assert model[2]._fastcurv_stats is new.layers[0] and type(model[2]) is capmod.CapturedLinear
+    with pytest.raises(RuntimeError, match=r"\['2'\] were taken over"):  # ... and the first one knows it
+        cap.check_owner()
+    cap.remove()  # leaves the layer it lost to its new owner
+    assert type(model[2]) is capmod.CapturedLinear and type(model[3]) is nn.Conv2d
+    new.remove()
+    assert type(model[2]) is nn.Linear
     with pytest.raises(TypeError, match="grouped"):
         Capture(model, layers=[model[0]])
     with pytest.raises(TypeError, match="LayerNorm"):

@@ -3,18 +3,43 @@ the fallback for parameters the method does not precondition, non-finite handlin
 
 Step protocol (the same for every fastcurv optimizer)::
 
-    def closure():
-        return loss_fn(model(x), y)          # forward only: the optimizer calls backward itself
-    loss = opt.step(closure)
+    opt = Cls(model, **hyperparameters)      # built from the model alone
+    def closure():                           # LBFGS-style, as Lightning's automatic optimization passes it
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)                 # or a forward-only closure: lambda: loss_fn(model(x), y)
 
-The optimizer zeroes gradients, runs ``closure()`` and ``backward()`` as often as its method needs (a closure
-that calls ``backward()`` itself, as for ``torch.optim.LBFGS``, is detected and not backpropagated twice) (K-BFGS
-evaluates the same minibatch at a second point) and returns the loss of the first evaluation (a detached
-0-d tensor). Methods that can (K-FAC) also accept the plain loop ``loss.backward(); opt.step()``.
+``step(closure=None, *, scaler=None, **options)`` is the one signature; ``options`` are method-specific
+(``batch=(x, y)`` for the Newton-type optimizers built with a ``loss_fn``). :meth:`CurvatureOptimizer._eval_closure`
+is the one closure evaluator: it runs ``closure()`` with grad enabled, backpropagates the loss unless the
+closure did (its ``backward()`` call is observed, not guessed from ``.grad``), and returns the detached loss.
+Methods that need more evaluations (K-BFGS at a second point, the Newton-type methods' curvature products and
+trial loss) call the same closure again through :meth:`CurvatureOptimizer._replay`, which runs it with the
+closure's ``zero_grad()`` and ``backward()`` turned into no-ops (and, for curvature products, the parameters
+substituted by ``torch.func``-style reparametrisation), so the user's forward and loss are used as written.
+
+Gradient accumulation. ``step(closure)`` never discards gradients accumulated before it: ``.grad`` that
+changed since the end of this optimizer's previous step (or its last ``zero_grad``) is the user's
+accumulation (e.g. Lightning's ``accumulate_grad_batches``, whose closure does not zero on the later
+micro-batches), and the closure's backward adds to it. Gradients this optimizer itself left in ``.grad`` at
+its previous step and nobody touched since are dropped (so a forward-only closure needs no ``zero_grad``).
+Methods whose curvature pools over micro-batches (K-FAC with the empirical Fisher) support this; the others
+(K-BFGS, which evaluates the same minibatch at a second point, and the Newton-type methods, which re-evaluate
+the closure) raise a ``ValueError`` instead of silently using the last micro-batch only. Methods that can
+(K-FAC) also accept the plain loop ``loss.backward(); opt.step()``.
 
 Hyperparameters live in ``param_groups`` as 0-d tensors, so ``torch.optim.lr_scheduler`` schedulers change
-them with ``fill_`` and a compiled update never recompiles for a new value (ENGINEERING.md §2). Setting a
-hyperparameter to a Python number later is caught at the next step with the remedy.
+them with ``fill_`` and a compiled update never recompiles for a new value. A Python number written into
+``param_groups`` (``OneCycleLR`` writes ``momentum`` as a float) is validated and copied into the same 0-d
+tensor at the next step, which is put back: the compiled update always sees the same tensor object.
+
+Parameter groups. There is one group (the model's trainable parameters); :meth:`add_param_group` after
+construction raises (build a new optimizer from the model after unfreezing layers). At construction, a
+model of which nothing can be preconditioned raises ``ValueError``, and one of whose trainable parameters
+(by count of elements) more than half go to the fallback rule gets one ``UserWarning`` with the
+:meth:`CurvatureOptimizer.describe` table — the same rule for every optimizer.
 
 Non-finite loss, gradient or curvature: with ``on_nonfinite="skip"`` (default) the step is skipped, every
 parameter and state tensor is left bitwise unchanged and ``opt.skipped_steps`` counts it; with
@@ -28,20 +53,27 @@ scaler=...)`` for ``torch.amp.GradScaler``; bf16 autocast inside the closure): d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastcurv.distributed import communicator, is_ddp
+from fastcurv.distributed import communicator, is_ddp, no_sync
 
 __all__ = ["CurvatureOptimizer", "Closure", "maybe_compile"]
 
 Closure = Callable[[], Tensor]
+
+#: param -> (weak reference to the .grad a fastcurv optimizer last consumed or zeroed, its version), shared by
+#: every optimizer (a second optimizer on the same model does not mistake the first one's gradients for an
+#: accumulation): see CurvatureOptimizer._begin_closure
+_GRAD_MARKS: dict[int, tuple[Any, Any, int]] = {}  # id(param) -> (weakref(param), weakref(grad), version)
 
 
 def maybe_compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
@@ -123,6 +155,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": params}], tensors)
         if fallback == "adamw":
             self.param_groups[0]["fallback_lr"] = self._hyper_tensor("fallback_lr", fallback_lr, ref)
+        #: the 0-d hyperparameter tensors, by name: whatever a scheduler writes into ``param_groups`` is copied
+        #: into these (same objects at every step: a compiled update never recompiles)
+        self._hyper_store: dict[str, Tensor] = {
+            k: v for k, v in self.param_groups[0].items() if k != "params" and isinstance(v, Tensor)
+        }
+        self._constructed = True
+        self._mark_grads()  # gradients present at construction are not part of the first step
+        self._replaying = False
+        self._partition_checked = False
         self._comm = communicator(distributed, process_group)
         self.distributed = distributed
         if self._comm is not None and not self._supports_distributed:
@@ -175,14 +216,54 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return torch.tensor(v, dtype=dtype, device=ref.device)
 
     def _check_hyper_types(self) -> None:
-        for group in self.param_groups:
-            for k in self.hyperparameters:
-                if k in group and not isinstance(group[k], Tensor):
-                    raise TypeError(
-                        f"param_groups[...]['{k}'] was set to a {type(group[k]).__name__}; fastcurv keeps "
-                        f"hyperparameters as 0-d tensors (no recompiles): use "
-                        f"opt.param_groups[0]['{k}'].fill_(value) instead"
-                    )
+        """Bring ``param_groups`` back to the 0-d hyperparameter tensors before a step: a Python number written
+        by a scheduler (``OneCycleLR``'s float ``momentum``) is validated against :attr:`hyperparameters` and
+        copied into the stored tensor, a tensor put in its place is copied too, and the stored tensor is put
+        back (the same object every step: no recompile of a compiled update). Raises before anything changes."""
+        if len(self.param_groups) != 1:
+            raise RuntimeError(f"{type(self).__name__} has one parameter group; param_groups was changed from outside")
+        group = self.param_groups[0]
+        pending: list[tuple[Tensor, float | Tensor]] = []
+        for k, store in self._hyper_store.items():
+            v = group.get(k, store)
+            if v is store:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)):
+                raise TypeError(
+                    f"param_groups[0]['{k}'] was set to a {type(v).__name__}; it must be a float or a 0-d tensor"
+                )
+            if isinstance(v, Tensor):
+                if v.dim() != 0:
+                    raise TypeError(f"param_groups[0]['{k}'] was set to a tensor of shape {tuple(v.shape)}; 0-d needed")
+                pending.append((store, v))
+                continue
+            lo, hi = self.hyperparameters.get(k, (None, None))
+            f = float(v)
+            if not math.isfinite(f) or (lo is not None and f < lo) or (hi is not None and f > hi):
+                raise ValueError(
+                    f"param_groups[0]['{k}'] was set to {v!r}; it must be finite and in "
+                    f"[{lo}, {hi if hi is not None else 'inf'}]"
+                )
+            pending.append((store, f))
+        for store, v in pending:
+            if isinstance(v, Tensor):
+                store.copy_(v.detach())
+            else:
+                store.fill_(v)
+        for k, store in self._hyper_store.items():
+            group[k] = store
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Not supported after construction (raises ``ValueError``): a fastcurv optimizer is built from the model
+        and partitions its trainable parameters once (preconditioned layers and the fallback, :meth:`describe`).
+        After unfreezing layers, build a new optimizer from the model."""
+        if getattr(self, "_constructed", False):
+            raise ValueError(
+                f"{type(self).__name__}.add_param_group is not supported: the optimizer is built from the model and "
+                f"partitions its trainable parameters once at construction (preconditioned layers, fallback). After "
+                f"unfreezing parameters, build a new optimizer: {type(self).__name__}(model, ...)"
+            )
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ parameter partition
     def _set_preconditioned(self, mapping: dict[Tensor, str]) -> None:
@@ -190,6 +271,31 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         (param -> a short description, e.g. ``"K-BFGS layer fc1 (weight+bias)"``); the rest go to the fallback."""
         self._method = dict(mapping)
         self._init_fallback_state()
+        if not self._partition_checked:
+            self._partition_checked = True
+            self._check_partition()
+
+    #: fraction of the trainable elements above which the fallback share is warned about at construction
+    fallback_warn_share = 0.5
+
+    def _check_partition(self) -> None:
+        """The construction-time rule shared by every optimizer: nothing to precondition raises, more than
+        :attr:`fallback_warn_share` of the trainable elements in the fallback warns (with :meth:`describe`)."""
+        params = self.param_groups[0]["params"]
+        total = sum(p.numel() for p in params)
+        fb = sum(p.numel() for p in self.fallback_params())
+        if not self._method:
+            raise ValueError(
+                f"{type(self).__name__}: nothing in the model can be preconditioned (every trainable parameter "
+                f"would go to the fallback rule); use a torch.optim optimizer instead.\n{self.describe()}"
+            )
+        if total and fb / total > self.fallback_warn_share:
+            warnings.warn(
+                f"{type(self).__name__}: {fb} of the {total} trainable parameter elements ({100 * fb / total:.0f}%) "
+                f"are not preconditioned and go to the {self.fallback} fallback rule:\n{self.describe()}",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _init_fallback_state(self) -> None:
         """Create the fallback rule's state (zeros) for every fallback parameter now rather than at its first
@@ -320,8 +426,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().load_state_dict(sd)
         for group in self.param_groups:  # never share hyperparameter tensors with the source dict
             for k, v in group.items():
-                if k != "params" and isinstance(v, Tensor):
+                if k != "params" and isinstance(v, Tensor) and k not in self._hyper_store:
                     group[k] = v.detach().clone()
+        self._check_hyper_types()  # loaded values go into the stored 0-d tensors (same objects as before)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, st in sd["state"].items():
             p = params[pid]
@@ -332,10 +439,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; a no-op while the optimizer replays the closure (its
+        ``zero_grad()`` call must not clear the step's gradients)."""
+        if self._replaying:
+            return
         super().zero_grad(set_to_none=set_to_none)
+        self._mark_grads()
+
+    #: the keyword options :meth:`step` accepts besides ``scaler`` (subclasses extend it)
+    _step_options: frozenset[str] = frozenset()
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None, *, scaler: Any = None) -> Tensor | None:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *, scaler: Any = None, **options: Any) -> Tensor | None:  # type: ignore[override]
         r"""One optimisation step; see the module docstring for the protocol. Returns the loss (detached).
 
         ``scaler``: a ``torch.amp.GradScaler`` (fp16 mixed precision). The optimizer backpropagates
@@ -344,18 +459,141 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         used; a step whose unscaled gradients overflowed is skipped like any non-finite step. Call
         ``scaler.update()`` after ``step`` (never ``scaler.step(opt)``: it does not take a closure). In the
         plain loop: ``scaler.scale(loss).backward(); opt.step(scaler=scaler); scaler.update()``.
+
+        ``options``: method-specific keywords (e.g. ``batch=(x, y)`` for the Newton-type optimizers).
         """
+        unknown = sorted(set(options) - self._step_options)
+        if unknown:
+            allowed = ", ".join(sorted(self._step_options)) or "none"
+            raise TypeError(f"{type(self).__name__}.step got unexpected keyword(s) {unknown} (options: {allowed})")
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         self._check_hyper_types()
         if scaler is not None and not self._supports_scaler:
             raise TypeError(f"{type(self).__name__}.step does not support a GradScaler (scaler=)")
+        self._check_capture_owner()
         self._scaler = scaler
         try:
-            loss, ok = self._step(closure)
+            loss, ok = self._step(closure, **options)
         finally:
             self._scaler = None
+            self._mark_grads()  # what is in .grad now was consumed by this step
+            self._end_round()
         if ok:
             self._counters["steps"] += 1
         return loss
+
+    def _check_capture_owner(self) -> None:
+        """Raise if another optimizer took over this one's layers (capture is transferable: the newest wins)."""
+        for name in ("_cap", "capture"):
+            cap = self.__dict__.get(name)
+            if cap is not None and hasattr(cap, "check_owner"):
+                cap.check_owner(type(self).__name__)
+
+    # ------------------------------------------------------------------ the closure evaluator
+    #: whether the method's gradient and curvature pool over micro-batches accumulated before step (K-FAC)
+    _supports_accumulation = False
+
+    def _mark_grads(self) -> None:
+        """Remember the ``.grad`` tensors as they are now (consumed or zeroed by this optimizer)."""
+        for p in self.param_groups[0]["params"]:
+            if p.grad is None:
+                _GRAD_MARKS.pop(id(p), None)
+            else:
+                _GRAD_MARKS[id(p)] = (weakref.ref(p, _unmark(id(p))), weakref.ref(p.grad), p.grad._version)
+
+    def _accumulated(self) -> bool:
+        """Whether some ``.grad`` changed since this optimizer last consumed or zeroed the gradients."""
+        for p in self.param_groups[0]["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            m = _GRAD_MARKS.get(id(p))
+            if m is None or m[0]() is not p or m[1]() is not g or g._version != m[2]:
+                return True
+        return False
+
+    def _fresh_round(self) -> None:
+        """Hook: statistics of an earlier round are stale (subclasses reset their captured statistics)."""
+
+    def _end_round(self) -> None:
+        """Hook run after every step (applied, skipped or raised): the step consumed the accumulated round."""
+
+    def _begin_closure(self, fresh: bool) -> bool:
+        """Before the first evaluation of a step: keep gradients the user accumulated (returns True), or drop
+        the ones this optimizer left (and the subclass's stale statistics). ``fresh``: always drop."""
+        if not fresh and self._accumulated():
+            if not self._supports_accumulation:
+                raise ValueError(
+                    f"{type(self).__name__}.step(closure): gradients were accumulated before the step (a backward "
+                    f"since the last step or zero_grad, e.g. accumulate_grad_batches > 1), but "
+                    f"{type(self).__name__} evaluates the closure again (on its last micro-batch only) and cannot "
+                    f"include them. Use one larger batch, or call opt.zero_grad() before the step's closure"
+                )
+            return True
+        super().zero_grad(set_to_none=True)
+        self._fresh_round()
+        return False
+
+    def _eval_closure(
+        self, closure: Closure | None, *, backward: bool = True, fresh: bool = False, output: bool = False,
+        retain_graph: bool = False,
+    ) -> Any:
+        """The one closure evaluator: run ``closure()`` with grad enabled and backpropagate its loss unless the
+        closure called ``backward()`` itself (observed, not guessed). Gradients accumulated before the step are
+        kept (:meth:`_begin_closure`). Returns the detached loss; with ``output=True`` the closure may return
+        ``(loss, model_output)`` and ``(loss, output, raw_loss, closure_called_backward)`` is returned.
+        ``backward=False``: never backpropagate (the caller does). ``retain_graph``: a backward the closure
+        calls keeps the graph (for a second backward through it)."""
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs a closure: step(closure) with a closure that returns the loss "
+                f"(forward only, or LBFGS-style: zero_grad(); loss = ...; loss.backward(); return loss)"
+            )
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._begin_closure(fresh)
+        with torch.enable_grad(), _observed_backward(run=True, retain_graph=retain_graph) as calls:
+            out = closure()
+        out_t = None
+        if output and isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise TypeError(f"the closure must return loss or (loss, output), got a sequence of {len(out)}")
+            out, out_t = out
+        loss = _check_loss(out, output)
+        if backward and not calls and loss.requires_grad:
+            with torch.enable_grad():
+                self._backward(loss, retain_graph=retain_graph)
+        if output:
+            return loss.detach(), out_t, loss, bool(calls)
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def _replaying_closure(self) -> Iterator[list[Tensor]]:
+        """Context for evaluating the closure again within a step: its ``zero_grad()`` and ``backward()``
+        calls do nothing (the tensors ``backward()`` was called on are collected in the yielded list), every
+        ``.grad`` is the same afterwards, and a DDP wrapper does not sync (``no_sync``)."""
+        params = self.param_groups[0]["params"]
+        grads = [p.grad for p in params]
+        self._replaying = True
+        try:  # (inside DDP's no_sync: a replayed forward is never followed by a DDP backward)
+            with no_sync(self.model), _observed_backward(run=False) as calls:
+                yield calls
+        finally:
+            self._replaying = False
+            for p, g in zip(params, grads):
+                p.grad = g
+
+    def _replay(self, closure: Closure, *, grad: bool) -> Tensor:
+        """Evaluate ``closure`` again (see :meth:`_replaying_closure`) and return its loss, not detached: the
+        tensor its ``backward()`` was called on if it called it, else what it returned. ``grad``: build the
+        autograd graph."""
+        with self._replaying_closure() as calls, torch.set_grad_enabled(grad):
+            out = closure()
+        loss = calls[-1] if calls else out
+        if isinstance(loss, (tuple, list)) and len(loss) == 2:
+            loss = loss[0]
+        return _check_loss(loss, False)
 
     # ------------------------------------------------------------------ mixed precision, data parallel
     _scaler: Any = None
@@ -397,23 +635,66 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Finiteness flags agreed by every rank (entry True iff True everywhere); unchanged alone."""
         return flags if self._comm is None else self._comm.all_true(flags)
 
-    def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:
+    def _step(self, closure: Closure | None, **options: Any) -> tuple[Tensor | None, bool]:
         raise NotImplementedError
 
-    def _eval_closure(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
-        """Zero grads, run ``closure()`` with grad enabled and (by default) backpropagate. Checks the protocol."""
-        if closure is None:
-            raise ValueError(
-                f"{type(self).__name__}.step needs a closure: step(lambda: loss_fn(model(x), y)); the closure "
-                f"runs the forward pass and returns the loss, the optimizer calls backward itself"
-            )
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
-            # A closure written for torch.optim.LBFGS calls backward itself; don't do it twice.
-            already = any(p.grad is not None for p in self.param_groups[0]["params"])
-            if backward and not already and loss.requires_grad:
-                self._backward(loss)
-        return loss.detach()
+
+def _unmark(key: int) -> Callable[[Any], None]:
+    return lambda _ref: _GRAD_MARKS.pop(key, None)
+
+
+def _check_loss(loss: object, pair: bool) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() > 1:
+        shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""
+        extra = " (or (loss, output))" if pair else ""
+        raise TypeError(f"the closure must return the loss as a 0-d tensor{extra}, got {type(loss).__name__}{shape}")
+    if loss.dim() == 0:
+        return loss
+    with torch.enable_grad():
+        return loss.reshape(())
+
+
+@contextlib.contextmanager
+def _observed_backward(*, run: bool, retain_graph: bool = False) -> Iterator[list[Tensor]]:
+    """Observe the backward calls made inside the block (a closure's own backward): the tensors are collected
+    in the yielded list; ``run=False`` turns the calls into no-ops, ``retain_graph`` keeps the graph.
+
+    ``torch.Tensor.backward`` and ``torch.autograd.backward`` are swapped for the duration of the block (one
+    optimizer step on one thread; the originals are restored on exit). Lightning's ``manual_backward`` /
+    ``strategy.backward``, ``accelerate``'s ``backward`` and ``GradScaler.scale(loss).backward()`` all end in
+    one of them."""
+    calls: list[Tensor] = []
+    orig_t, orig_a = torch.Tensor.backward, torch.autograd.backward
+    depth = [0]
+
+    def tensor_backward(self: Tensor, gradient: Any = None, retain_graph_: Any = None, create_graph: bool = False,
+                        inputs: Any = None, **kw: Any) -> None:
+        calls.append(self)
+        if run:
+            rg = kw.pop("retain_graph", retain_graph_)
+            depth[0] += 1
+            try:
+                orig_t(self, gradient, True if retain_graph else rg, create_graph, inputs)
+            finally:
+                depth[0] -= 1
+
+    def autograd_backward(tensors: Any, *args: Any, **kw: Any) -> None:
+        if depth[0]:  # called by Tensor.backward above: already recorded
+            return orig_a(tensors, *args, **kw)
+        ts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        calls.extend(t for t in ts if isinstance(t, Tensor))
+        if run:
+            if retain_graph:
+                if len(args) >= 2:
+                    args = (args[0], True, *args[2:])
+                else:
+                    kw["retain_graph"] = True
+            orig_a(tensors, *args, **kw)
+
+    torch.Tensor.backward = tensor_backward  # type: ignore[method-assign]
+    torch.autograd.backward = autograd_backward  # type: ignore[assignment]
+    try:
+        yield calls
+    finally:
+        torch.Tensor.backward = orig_t  # type: ignore[method-assign]
+        torch.autograd.backward = orig_a  # type: ignore[assignment]

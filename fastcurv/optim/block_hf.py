@@ -16,8 +16,10 @@ r"""Block-diagonal Hessian-free optimisation (Zhang, Xiong, Bradbury & Socher, a
    start), so on a warm start the two stop CG at different iterations. Its progress threshold is ``5e-4``,
    this module's default ``progress_tol`` 1e-4.
 
-Step protocol (as :class:`fastcurv.optim.NewtonCG`)::
+Step protocol (as :class:`fastcurv.optim.NewtonCG`; the GGN products replay the closure)::
 
+    opt = BlockHF(model)
+    loss = opt.step(closure)                   # LBFGS-style or forward-only closure
     opt = BlockHF(model, loss_fn, curvature_batch=0.25)
     loss = opt.step(batch=(x, y))              # gradient on (x, y), curvature on its first quarter
     loss = opt.step(closure, batch=(xc, yc))   # gradient from closure(), curvature on (xc, yc)
@@ -120,14 +122,16 @@ class BlockHF(_DampedKrylov):
 
     Args:
         model: the model.
-        loss_fn: ``loss_fn(model(x), y)`` returns the scalar loss (curvature products and default closure).
-            The GGN's loss Hessian is analytic for CE / BCE-with-logits / MSE, else by autograd.
+        loss_fn: optional; ``loss_fn(model(x), y)`` returns the scalar loss (curvature products on
+            ``step(batch=)``, and default closure). The GGN's loss Hessian is analytic for CE /
+            BCE-with-logits / MSE, else by autograd; with ``step(closure)`` alone it comes from the closure's
+            own loss by autograd.
         lr: step length :math:`\eta` (0-d tensor hyperparameter), default 1.
         damping: initial Tikhonov damping :math:`\lambda` (default 0.5, Martens' :math:`\lambda_0`).
         blocks: ``None`` (one block per module owning trainable parameters) or a list of blocks, each a
             list of parameters or a module; parameters left out go to the ``fallback`` rule.
         curvature_batch: ``None`` (the whole ``batch``), a fraction in (0, 1] or a number of samples (>= 1)
-            taken from the front of ``batch`` for the curvature products.
+            taken from the front of ``batch`` for the curvature products (needs ``step(batch=)``).
         max_cg_iters: CG cap (default 50).
         cg_tol: relative residual tolerance (default 1e-6).
         progress_tol: Martens' relative-progress threshold (default 1e-4; ``None`` turns it off).
@@ -146,7 +150,7 @@ class BlockHF(_DampedKrylov):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None = None,
         lr: float | Tensor = 1.0,
         damping: float | Tensor = 0.5,
         *,
@@ -244,9 +248,9 @@ class BlockHF(_DampedKrylov):
             return None
         return self._flat.cat(prev) * self.cg_decay
 
-    def _direction(self, batch: tuple[Any, Any], g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
+    def _direction(self, batch: Any, g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:
         op = _BlockGGNOperator(
-            self._net, self.loss_fn, batch, self._flat, self._block_index, self._block_reducer()
+            self._net, self._source_loss(batch), batch, self._flat, self._block_index, self._block_reducer()
         )
         res = truncated_cg(
             op, -g, self._segments, shift=lam, x0=self._warm_start(), max_iters=self.max_cg_iters, tol=self.cg_tol,

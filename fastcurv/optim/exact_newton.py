@@ -94,11 +94,21 @@ parallelism (a torch loss's ``reduction`` is read).
 The per-sample output gradient is :math:`\nabla_z\ell_n = N\,\partial L/\partial z_n` (one backward of the
 loss to the output only). The closure must compute exactly the declared loss of ``model(x)``.
 
-Step protocol::
+Without ``loss_fn`` (the default) the loss is whatever the closure computes, as long as it is a mean of
+per-sample terms: the per-sample output Hessians :math:`\nabla_z^2\ell_n = N\,\partial^2L/\partial z_n^2`
+come from autograd on the closure's loss graph (:math:`K` backward passes through the loss only, :math:`K` =
+outputs per sample; the graph is kept for them even when the closure calls ``backward()`` itself), and the
+Cholesky fast path is off (the loss need not be convex in :math:`z`).
 
-    opt = ExactNewton(model, loss_fn="ce", lr=0.5, damping=1.0)
+Step protocol (the closure is LBFGS-style or forward-only, as for every fastcurv optimizer)::
+
+    opt = ExactNewton(model, lr=0.5, damping=1.0)             # any per-sample-mean loss, by autograd
     loss = opt.step(lambda: F.cross_entropy(model(x), y))     # the closure runs the forward once
+    opt = ExactNewton(model, loss_fn="ce", lr=0.5, damping=1.0)  # analytic loss Hessians (faster)
     loss = opt.step(batch=(x, y))                             # same, with loss_fn(model(x), y)
+
+The model is an ``nn.Sequential`` MLP, or a module (a LightningModule, a wrapper) with exactly one
+``nn.Sequential`` holding every trainable parameter; the output of that ``nn.Sequential`` is :math:`z`.
 
 The layers' inputs and outputs are recorded by forward hooks registered for the duration of the closure
 (removed afterwards); the closure must call the model exactly once. After the step each parameter's
@@ -175,6 +185,18 @@ def _flatten(seq: nn.Sequential, prefix: str) -> Iterator[tuple[str, nn.Module]]
             yield name, m
 
 
+def _find_sequential(model: nn.Module) -> nn.Module:
+    """``model`` itself if it is an ``nn.Sequential``; else its one ``nn.Sequential`` submodule holding every
+    trainable parameter (a LightningModule or wrapper around the MLP); else ``model`` (rejected by the parser)."""
+    if type(model) is nn.Sequential:
+        return model
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    for m in model.modules():
+        if type(m) is nn.Sequential and {id(p) for p in m.parameters() if p.requires_grad} == trainable:
+            return m
+    return model
+
+
 def _parse_model(model: object) -> list[_Layer]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"ExactNewton is constructed from the model (an nn.Module), got {type(model).__name__}")
@@ -236,6 +258,8 @@ _STRING_LOSSES = {"ce": "categorical", "bce": "bernoulli", "mse": "gaussian"}
 
 
 def _parse_loss(loss_fn: object) -> _LossSpec:
+    if loss_fn is None:  # the closure's own loss: per-sample output Hessians by autograd on its graph
+        return _LossSpec("custom", "custom", None)  # type: ignore[arg-type]
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
             raise ValueError(f"ExactNewton: loss_fn must be one of {LOSSES} or a callable (output, target) -> loss, got {loss_fn!r}")
@@ -426,8 +450,11 @@ class ExactNewton(CurvatureOptimizer):
 
     Args:
         model: an ``nn.Sequential`` MLP (``nn.Linear`` + elementwise activations).
-        loss_fn: the loss the closure computes: ``"ce"``, ``"bce"``, ``"mse"`` or any callable
-            ``loss_fn(output, target)`` separable over the batch (see *Losses* in the module docstring).
+        loss_fn: the loss the closure computes: ``"ce"``, ``"bce"``, ``"mse"``, any callable
+            ``loss_fn(output, target)`` separable over the batch (see *Losses* in the module docstring; with
+            ``step(batch=)`` it is called directly), or ``None`` (default): the closure's own loss, which must be
+            a mean (or sum) of per-sample terms; its per-sample output Hessians come from autograd on the
+            closure's loss graph.
         lr: step length :math:`\eta` (0-d tensor hyperparameter), default 1.
         damping: Tikhonov regularisation :math:`\rho \ge 0` (0 = pseudo-inverse), default 1.
         eig_floor: floor on the adjusted eigenvalues :math:`\lVert\bar a\rVert^2|\lambda_i|` (default 0; a
@@ -447,7 +474,7 @@ class ExactNewton(CurvatureOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: str | Callable[..., Tensor],
+        loss_fn: str | Callable[..., Tensor] | None = None,
         lr: float | Tensor = 1.0,
         damping: float | Tensor = 1.0,
         *,
@@ -458,7 +485,10 @@ class ExactNewton(CurvatureOptimizer):
         distributed: str = "replicate",
         process_group: Any = None,
     ) -> None:
-        layers = _parse_model(unwrap(model) if isinstance(model, nn.Module) else model)
+        #: the nn.Sequential the recursion runs on: the model, or (a LightningModule, a wrapper) the one
+        #: nn.Sequential that holds every trainable parameter; its output is the z of the recursion
+        self._seq = _find_sequential(unwrap(model)) if isinstance(model, nn.Module) else model
+        layers = _parse_model(self._seq)
         self._spec = _parse_loss(loss_fn)
         bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         if chunk_size is not None and bad_chunk:
@@ -475,7 +505,8 @@ class ExactNewton(CurvatureOptimizer):
         self._psd: list[bool] = []
         ok = True
         for lay in reversed(layers):
-            ok = ok and all(isinstance(m, _PIECEWISE_LINEAR) for m in lay.acts)
+            # (an arbitrary loss, loss_fn=None, need not be convex in z: no Cholesky fast path)
+            ok = ok and self._spec.kind != "custom" and all(isinstance(m, _PIECEWISE_LINEAR) for m in lay.acts)
             self._psd.append(ok)
         self._psd.reverse()
         mapping = {}
@@ -511,12 +542,15 @@ class ExactNewton(CurvatureOptimizer):
 
         seen: list[tuple[Any, ...]] = []  # (output, target) given to a loss module (its graph may be consumed)
         handles = [lay.module.register_forward_hook(layer_hook(i)) for i, lay in enumerate(self._layers)]
-        handles.append(unwrap(self.model).register_forward_hook(model_hook))
+        handles.append(self._seq.register_forward_hook(model_hook))
         if isinstance(self._spec.fn, nn.Module):
             handles.append(self._spec.fn.register_forward_hook(lambda mod, args, out: seen.append(args)))
+        auto = self._spec.fn is None  # the closure's own loss: keep its graph even if the closure backpropagates
         try:
             with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
-                loss = self._eval_closure(closure, backward=False)
+                loss, _, self._last_loss, _ = self._eval_closure(
+                    closure, backward=False, output=True, retain_graph=auto
+                )
             with torch.enable_grad():
                 if len(zs) != 1 or any(len(r) != 1 for r in inputs):
                     raise RuntimeError(
@@ -542,6 +576,13 @@ class ExactNewton(CurvatureOptimizer):
                     f = z.detach().requires_grad_(True)
                     (dz,) = torch.autograd.grad(self._spec.fn(f, seen[0][1]), f, create_graph=True)
                     hz = losses.per_sample_hessians(dz, f, elementwise=self._spec.elementwise)
+                elif auto and self._last_loss.requires_grad and z.requires_grad and z.dim() == 2:
+                    # the closure backpropagated its own loss (LBFGS-style, e.g. Lightning's automatic
+                    # optimization): the retained graph gives the per-sample output Hessians
+                    n_dz = len(dzs)
+                    (dz,) = torch.autograd.grad(self._last_loss, z, allow_unused=True, create_graph=True)
+                    hz = torch.zeros_like(z) if dz is None else losses.per_sample_hessians(dz, z, elementwise=False)
+                    del dzs[n_dz:]  # the output's gradient hook also saw these backward passes
         finally:
             for hd in handles:
                 hd.remove()
@@ -564,22 +605,12 @@ class ExactNewton(CurvatureOptimizer):
             hz=None if hz is None else hz.to(dt),
         )
 
-    def _eval_closure(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
-        # as the base, but keep the undetached loss for the gradient to the output
-        if closure is None:
-            raise ValueError("ExactNewton.step needs a closure (step(lambda: loss_fn(model(x), y))) or batch=(x, y)")
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
-        self._last_loss = loss
-        return loss.detach()
-
     def _resolve(self, closure: Closure | None, batch: Sequence[Any] | None) -> Closure:
         if closure is not None and batch is not None:
             raise TypeError("ExactNewton.step takes a closure or batch=(x, y), not both")
         if batch is not None:
+            if self._spec.fn is None:
+                raise ValueError("ExactNewton.step(batch=...) needs loss_fn at construction; or pass a closure")
             if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"ExactNewton.step: batch must be a pair (inputs, targets), got {type(batch).__name__}")
             x, y = batch
@@ -592,19 +623,12 @@ class ExactNewton(CurvatureOptimizer):
         return closure
 
     # ------------------------------------------------------------------ public
-    @torch.no_grad()
-    def step(  # type: ignore[override]
-        self, closure: Closure | None = None, *, batch: Sequence[Any] | None = None
-    ) -> Tensor:
-        """One exact stochastic Newton step; returns the loss at the start of the step (detached)."""
-        self._check_hyper_types()
-        loss, ok = self._step_full(self._resolve(closure, batch))
-        if ok:
-            self._counters["steps"] += 1
-        return loss
+    _step_options = frozenset({"batch"})
 
-    def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:  # pragma: no cover - step is overridden
-        raise NotImplementedError
+    def _step(self, closure: Closure | None, batch: Sequence[Any] | None = None) -> tuple[Tensor | None, bool]:
+        """One exact stochastic Newton step (``step(closure)`` or ``step(batch=(x, y))``); returns the loss at
+        the start of the step (detached)."""
+        return self._step_full(self._resolve(closure, batch))
 
     @torch.no_grad()
     def hessian_factors(

@@ -95,7 +95,7 @@ from torch import Tensor, nn
 
 from fastcurv import ops
 from fastcurv import distributed as fdist
-from fastcurv.capture import Capture
+from fastcurv.capture import Capture, base_type
 from fastcurv.optim._base import Closure, CurvatureOptimizer, Open, maybe_compile
 from fastcurv.optim._lbfgs import lbfgs_append, lbfgs_apply, lbfgs_memory
 
@@ -311,13 +311,8 @@ def _select_layers(model: nn.Module) -> tuple[list[nn.Module], list[str]]:
     notes: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if type(m) not in (nn.Linear, nn.Conv2d):
-                why = (
-                    "already captured by another optimizer/Capture"
-                    if type(m).__name__.startswith("Captured")
-                    else f"{type(m).__name__} is a subclass"
-                )
-                notes.append(f"{name or '<root>'}: {why}")
+            if base_type(m) not in (nn.Linear, nn.Conv2d):  # (a captured layer is taken over)
+                notes.append(f"{name or '<root>'}: {type(m).__name__} is a subclass")
                 continue
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 notes.append(f"{name}: grouped convolution (groups={m.groups})")
@@ -533,16 +528,12 @@ class _KBFGSBase(CurvatureOptimizer):
         tap), not the weight gradients: backpropagate to the layers' biases (a row sum each; the weight of a
         bias-free layer) so autograd skips every other weight-gradient GEMM (the code computes them all).
         A closure that calls ``backward`` itself is left alone."""
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()  # type: ignore[misc]
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
-            already = any(p.grad is not None for p in self.param_groups[0]["params"])
-            if not already and loss.requires_grad:
-                scaled = loss if self._scaler is None else self._scaler.scale(loss)
+        loss, _, raw, called = self._eval_closure(closure, backward=False, fresh=True, output=True)
+        if not called and raw.requires_grad:
+            with torch.enable_grad():
+                scaled = raw if self._scaler is None else self._scaler.scale(raw)
                 torch.autograd.backward(scaled, inputs=self._pass2_inputs)
-        return loss.detach()
+        return loss
 
     def _prepare_stats(self, names: tuple[str, ...], inv_scale: float) -> None:
         r"""Make the captured statistics ``names`` final: divide :math:`\bar g` by a GradScaler's scale, then,

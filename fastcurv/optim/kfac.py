@@ -58,12 +58,19 @@ weight-sharing "expand" convention); for 2-D inputs :math:`L = 1`.
 Fisher (``fisher``):
 
 * ``"empirical"`` (default): :math:`g` from the backward of the training loss itself. Works with the plain
-  loop ``loss.backward(); opt.step()`` and with ``opt.step(closure)``. In the plain loop the statistics are
-  those of every grad-enabled forward/backward since the previous step (a running mean, so gradient
-  accumulation over micro-batches works); run evaluation forwards under ``torch.no_grad()``.
+  loop ``loss.backward(); opt.step()`` and with ``opt.step(closure)``. The statistics are those of every
+  grad-enabled forward/backward since the previous step (a running mean over all rows), so **gradient
+  accumulation** over :math:`k` micro-batches works in both forms (Lightning's ``accumulate_grad_batches``:
+  the closure of the last micro-batch does not zero, and ``step(closure)`` keeps what was accumulated).
+  Convention: each micro-batch loss is divided by :math:`k` (as Lightning does), so that the accumulated
+  gradient is that of the mean over all :math:`kN` samples; the tap scales :math:`g` by the micro-batch's
+  :math:`N`, so :math:`G` is multiplied by :math:`k^2` (:math:`k` = backward passes that reached the layer's
+  weight since the last step, counted by a post-accumulate-grad hook). Exact for equal micro-batch sizes.
+  Run evaluation forwards under ``torch.no_grad()``.
 * ``"sampled"`` (the code baseline; the true Fisher): :math:`g` from a second backward of the negative
   log-likelihood at targets sampled from the model's predictive distribution. The closure returns
-  ``(loss, output)`` (forward only); the optimizer backpropagates ``loss`` for the gradient, then builds
+  ``(loss, output)`` (forward only, or calling ``backward()`` itself: its graph is then retained); the
+  optimizer backpropagates ``loss`` for the gradient, then builds
   :math:`\tilde L = \frac1N\sum_i -\log p(\tilde t_i \mid z_i)` (summed over non-batch dimensions) with
   ``likelihood``:
 
@@ -122,7 +129,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcurv import losses as _losses
-from fastcurv.capture import Capture, LayerStats
+from fastcurv.capture import Capture, LayerStats, base_type
 from fastcurv.optim._base import Closure, CurvatureOptimizer, Open, maybe_compile
 
 __all__ = ["KFAC"]
@@ -231,14 +238,23 @@ def _make_apply(eigen: bool, kl: bool) -> Callable[..., None]:
 # ------------------------------------------------------------------------------------------------------------
 # the optimizer
 # ------------------------------------------------------------------------------------------------------------
+def _count_round(rounds: dict[int, int]) -> Callable[[Tensor], None]:
+    """A post-accumulate-grad hook counting the backward passes that reached a layer's weight."""
+
+    def hook(p: Tensor) -> None:
+        rounds[id(p)] = rounds.get(id(p), 0) + 1
+
+    return hook
+
+
 class KFAC(CurvatureOptimizer):
     r"""K-FAC for ``nn.Linear`` and ``nn.Conv2d`` layers (see the module docstring for the exact algorithm).
 
     Usage::
 
         opt = KFAC(model, lr=1.0, damping=3.0)
-        for x, y in loader:                          # closure form (forward only; the optimizer backpropagates)
-            opt.step(lambda: loss_fn(model(x), y))
+        for x, y in loader:                          # closure form (forward only; the optimizer backpropagates,
+            opt.step(lambda: loss_fn(model(x), y))   # or LBFGS-style: zero_grad(); loss.backward(); return loss)
         # or the plain loop (empirical Fisher):
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
         # sampled (true) Fisher: the closure also returns the model output
@@ -350,12 +366,6 @@ class KFAC(CurvatureOptimizer):
                 f"KFAC is constructed from the model (an nn.Module), e.g. KFAC(model, lr=...); got "
                 f"{type(model).__name__}"
             )
-        attached = [n for n, mod in model.named_modules() if hasattr(mod, "_fastcurv_stats")]
-        if attached:
-            raise ValueError(
-                f"KFAC: the model's layers {attached[:3]}{'...' if len(attached) > 3 else ''} are already captured "
-                f"by another fastcurv optimizer or Capture; call its .remove() first"
-            )
         params = [p for p in model.parameters() if p.requires_grad]
         if factor_dtype is None and params:
             factor_dtype = params[0].dtype if params[0].dtype in (torch.float32, torch.float64) else torch.float32
@@ -396,7 +406,7 @@ class KFAC(CurvatureOptimizer):
         if layers is None:  # capture's default selection, minus layers with frozen parameters
             cap_layers: list[nn.Module | str] = [
                 m for m in model.modules()
-                if type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1 and m.weight in trainable
+                if base_type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1 and m.weight in trainable
                 and (m.bias is None or m.bias in trainable)
             ]
         else:
@@ -410,6 +420,10 @@ class KFAC(CurvatureOptimizer):
             if w not in trainable or (b is not None and b not in trainable):
                 continue  # frozen weight or bias: leave the layer to the fallback (frozen params are not in it)
             self._layers.append(_Layer(st, w, b, st.name or "<root>"))
+        # backward rounds per layer since the statistics were last reset (gradient accumulation, _batch_stats)
+        self._rounds: dict[int, int] = {id(lay.weight): 0 for lay in self._layers}
+        self._round_hooks = [lay.weight.register_post_accumulate_grad_hook(_count_round(self._rounds))
+                             for lay in self._layers]
         self._refresh_partition()
         self._counters.update(
             factor_updates=0, inverse_refreshes=0, jitter_fallbacks=0, psd_fallbacks=0, inverse_failures=0
@@ -472,57 +486,45 @@ class KFAC(CurvatureOptimizer):
         # loss and G stay non-finite, so the step is skipped like any other non-finite statistic
         return _losses.nll(lik, output, _losses.sample_targets(lik, output, self._gen))
 
-    def _forward_backward(self, closure: Closure) -> Tensor:
-        """Zero grads and statistics, run the closure, backpropagate the loss (and, for the sampled Fisher,
-        the sampled loss, whose G replaces the empirical one). Returns the detached loss."""
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        self.zero_grad(set_to_none=True)
-        self._cap.reset()
-        with torch.enable_grad():
-            out = closure()
-            output = None
-            if isinstance(out, (tuple, list)):
-                if len(out) != 2:
-                    raise TypeError(f"the closure must return loss or (loss, output), got a sequence of {len(out)}")
-                out, output = out
-            if not isinstance(out, Tensor) or out.dim() != 0:
-                shape = f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""
-                raise TypeError(
-                    f"the closure must return the loss as a 0-d tensor (or (loss, output)), got "
-                    f"{type(out).__name__}{shape}"
-                )
-            loss = out
-            red = _losses.reduction_of(loss)
-            if red is not None and red != self.loss_reduction:  # a wrong declaration would rescale the step by N
+    def _forward_backward(self, closure: Closure, *, fresh: bool = False) -> Tensor:
+        """Run the closure through the base class's evaluator (statistics of gradients accumulated before the
+        step are kept, see :meth:`_begin_closure`) and, for the sampled Fisher, backpropagate the sampled
+        loss, whose G replaces the empirical one. Returns the detached loss."""
+        sampled = self.fisher != "empirical"
+        loss, output, raw, _ = self._eval_closure(closure, fresh=fresh, output=True, retain_graph=sampled)
+        red = _losses.reduction_of(raw)
+        if red is not None and red != self.loss_reduction:  # a wrong declaration would rescale the step by N
+            raise ValueError(
+                f"KFAC: the closure's loss was reduced with reduction={red!r} but loss_reduction="
+                f"{self.loss_reduction!r}; pass KFAC(..., loss_reduction={red!r})"
+            )
+        if sampled:
+            if output is None:
                 raise ValueError(
-                    f"KFAC: the closure's loss was reduced with reduction={red!r} but loss_reduction="
-                    f"{self.loss_reduction!r}; pass KFAC(..., loss_reduction={red!r})"
+                    "fisher='sampled' needs the model output: let the closure return (loss, output)"
                 )
-            already = any(p.grad is not None for p in self.param_groups[0]["params"])
-            if self.fisher == "empirical":
-                if not already and loss.requires_grad:
-                    self._backward(loss)
-            else:
-                if already:
-                    raise ValueError(
-                        "fisher='sampled': the closure must not call backward() itself; return (loss, output) "
-                        "and the optimizer backpropagates both the loss and the sampled-target loss"
-                    )
-                if output is None:
-                    raise ValueError(
-                        "fisher='sampled' needs the model output: let the closure return (loss, output)"
-                    )
-                if loss.requires_grad:
-                    self._backward(loss, retain_graph=True)
-                self._cap.reset("G")
+            self._cap.reset("G")
+            with torch.enable_grad():
                 sloss = self._sampled_loss(output)
                 ws = [lay.weight for lay in self._layers]
                 if ws and sloss.requires_grad:
                     if self._scaler is not None:
                         sloss = self._scaler.scale(sloss)
                     torch.autograd.grad(sloss, ws, allow_unused=True)
-        return loss.detach()
+        return loss
+
+    @property
+    def _supports_accumulation(self) -> bool:  # type: ignore[override]
+        # the sampled Fisher's G comes from the step's own micro-batch only: no pooling with earlier ones
+        return self.fisher == "empirical"
+
+    def _fresh_round(self) -> None:
+        self._cap.reset()
+        self._end_round()
+
+    def _end_round(self) -> None:
+        for k in self._rounds:
+            self._rounds[k] = 0
 
     # -------------------------------------------------------------------------------------------- statistics
     def _batch_stats(self, layers: list[_Layer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -531,7 +533,10 @@ class KFAC(CurvatureOptimizer):
         for lay in layers:
             st = lay.stats
             As.append(st.A)
-            Gs.append(st.G)
+            # k > 1 backward rounds accumulated (micro-batches, each loss divided by k so that the gradient is the
+            # mean over the whole batch): the per-call scale N_call of g is k times too small for the pooled batch
+            k = self._rounds.get(id(lay.weight), 1)
+            Gs.append(st.G if k <= 1 else st.G * float(k * k))
             Ls.append((st.n_A.to(st.A.dtype) / st.n_s.clamp(min=1).to(st.A.dtype)).reshape(()))
         return As, Gs, Ls
 
@@ -882,7 +887,7 @@ class KFAC(CurvatureOptimizer):
         j = 0
         try:
             for closure in closures:
-                loss = self._forward_backward(closure)
+                loss = self._forward_backward(closure, fresh=True)
                 layers = self._active_layers()
                 self._prepare_stats(layers)
                 As, Gs, Ls = self._batch_stats(layers)
@@ -948,6 +953,8 @@ class KFAC(CurvatureOptimizer):
     def remove(self) -> None:
         """Detach from the model: restore the layers' original classes (the optimizer is unusable after)."""
         self._cap.remove()
+        for h in self._round_hooks:
+            h.remove()
 
     def __repr__(self) -> str:
         g = self.param_groups[0]

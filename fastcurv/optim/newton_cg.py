@@ -11,16 +11,29 @@ r"""Newton–CG with complex-step Hessian-vector products (Newton–Krylov with 
 
 Step protocol
 -------------
-Curvature products need the model, the loss function and the minibatch, so the optimizer is built with the
-loss function and each step gets the minibatch::
+Built from the model alone and stepped with a closure, like every fastcurv optimizer::
+
+    opt = NewtonCG(model)                          # or NewtonCG(model, method="ggn", damping=0.3, ...)
+    def closure():                                 # LBFGS-style (Lightning's automatic optimization) ...
+        opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
+    loss = opt.step(closure)                       # ... or forward only: opt.step(lambda: loss_fn(model(x), y))
+
+The closure is the objective: its gradient is :math:`g`; the curvature products **replay it** with its
+``zero_grad()``/``backward()`` turned into no-ops (:meth:`fastcurv.optim.CurvatureOptimizer._replay`), so the
+user's forward and loss are used as written: ``"complex-step"`` with every parameter :math:`W` substituted
+by the planes :math:`W + ih\,v_W` (``torch.func``-style reparametrisation of the module), ``"double-backward"``
+from one replay with a ``create_graph`` gradient, ``"ggn"`` from one replay in which a forward hook cuts the
+model's output :math:`o` from the loss (so :math:`H_\ell u` comes from the closure's own loss by double
+backward; the closure must call the model the optimizer was built from exactly once — in a LightningModule,
+``training_step`` calls ``self(x)``). The trial loss is one more replay without gradients. A closure
+replay costs a forward more than calling the loss directly, so the option stays::
 
     opt = NewtonCG(model, loss_fn)                 # loss_fn(model(x), y) -> scalar
-    loss = opt.step(batch=(x, y))                  # gradient and curvature on (x, y)
+    loss = opt.step(batch=(x, y))                  # products run loss_fn(model(x), y) directly
     loss = opt.step(closure, batch=(x, y))         # gradient from closure(), curvature on (x, y)
 
-``closure()`` runs the forward pass and returns the loss (the optimizer calls ``backward``), as for every
-fastcurv optimizer; without one it is ``lambda: loss_fn(model(x), y)``. The closure is the objective: its
-gradient is :math:`g`, and it is evaluated once more, without gradients, at the trial point.
+Gradients accumulated before the step (a backward since the last step or ``zero_grad``) raise
+``ValueError``: the closure replays see only the last micro-batch.
 
 One step (parameters :math:`\theta`, all trainable parameters form one block)
 -----------------------------------------------------------------------------
@@ -98,6 +111,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch.nn.utils.stateless import _reparametrize_module
+
+from fastcurv import complex_step as cs
 from fastcurv import hvp as _hvp
 from fastcurv.distributed import PendingSum, no_sync, unwrap
 from fastcurv.optim._base import Closure, CurvatureOptimizer
@@ -156,11 +172,14 @@ class _DoubleBackwardOperator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Sequence[Any], flat: _Flat) -> None:
         self.flat = flat
         ps = flat.params
-        with _hvp._preserved(model, ps, True):
-            loss = loss_fn(model(batch[0]), batch[1])
-            g: Sequence[Tensor | None] = [None] * len(ps)
-            if loss.requires_grad:
-                g = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+        if callable(batch):  # a closure (with its optimizer as loss_fn): replayed with a create_graph gradient
+            g: Sequence[Tensor | None] = _closure_gradient(loss_fn, batch, ps)  # type: ignore[arg-type]
+        else:
+            with _hvp._preserved(model, ps, True):
+                loss = loss_fn(model(batch[0]), batch[1])
+                g = [None] * len(ps)
+                if loss.requires_grad:
+                    g = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
         self.live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
         self.g = g
 
@@ -173,6 +192,82 @@ class _DoubleBackwardOperator:
             retain_graph=True, allow_unused=True,
         )
         return self.flat.cat(hv)
+
+
+class _ClosureComplexStepOperator:
+    r""":math:`Hv = \frac1h\nabla_\theta\,\mathrm{Im}\,L(\theta + ihv)` with :math:`L` the user's closure: the
+    closure is replayed (its ``zero_grad``/``backward`` are no-ops) with every parameter :math:`W` substituted
+    by the planes :math:`W + ih\,v_W` (``torch.func``-style reparametrisation of the module), one real backward
+    of the imaginary plane per product."""
+
+    def __init__(self, opt: _DampedKrylov, closure: Closure, flat: _Flat, h: float | None) -> None:
+        self.opt, self.closure, self.flat = opt, closure, flat
+        self.h = 1.0 if h is None else h
+        names = {p: n for n, p in opt._net.named_parameters(remove_duplicate=False)}
+        self.names = [names[p] for p in flat.params]
+
+    def __call__(self, v: Tensor, active: Sequence[bool]) -> Tensor:
+        opt, ps, h = self.opt, self.flat.params, self.h
+        subs = {n: cs.planes(p, vi if h == 1.0 else vi * h) for n, p, vi in zip(self.names, ps, self.flat.views(v))}
+        with _hvp._preserved(opt._net, ps, True), _reparametrize_module(opt._net, subs):
+            loss = opt._replay(self.closure, grad=True)
+        _, im = cs.split(loss)
+        if im is None or not im.requires_grad:
+            return torch.zeros_like(v)
+        with torch.enable_grad():
+            hv = torch.autograd.grad(im, ps, allow_unused=True)
+        out = self.flat.cat(hv)
+        return out if h == 1.0 else out / h
+
+
+def _closure_gradient(opt: _DampedKrylov, closure: Closure, ps: Sequence[Tensor]) -> Sequence[Tensor | None]:
+    """:math:`\nabla L` with ``create_graph`` from a replay of the closure (for double-backward products)."""
+    with _hvp._preserved(opt._net, ps, True):
+        loss = opt._replay(closure, grad=True)
+        if not loss.requires_grad:
+            return [None] * len(ps)
+        return torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+
+
+def _closure_output(opt: _DampedKrylov, closure: Closure, ps: Sequence[Tensor]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    r"""Replay the closure with the model's output :math:`o` cut from the loss (a forward hook on the model
+    returns a leaf copy :math:`\hat o`): returns :math:`o` (graph to the parameters) and
+    :math:`u \mapsto H_\ell u = \nabla_{\hat o}(\nabla_{\hat o}\ell\cdot u)` from the closure's own loss."""
+    outs: list[Tensor] = []
+    leaves: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> Any:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the GGN needs the model to return a tensor, got {type(out).__name__}")
+        outs.append(out)
+        leaf = out.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+
+    handle = opt._net.register_forward_hook(hook)
+    try:
+        with _hvp._preserved(opt._net, ps, True):
+            loss = opt._replay(closure, grad=True)
+    finally:
+        handle.remove()
+    if len(outs) != 1:
+        raise RuntimeError(
+            f"{type(opt).__name__}: the GGN with a closure needs the closure to call the model the optimizer was built "
+            f"from exactly once (it was called {len(outs)} times); e.g. in a LightningModule, training_step must call "
+            f"self(x). Otherwise use method='complex-step' or 'double-backward'"
+        )
+    o, leaf = outs[0], leaves[0]
+    with torch.enable_grad():
+        (go,) = torch.autograd.grad(loss, leaf, create_graph=True, allow_unused=True) if loss.requires_grad else (None,)
+    if go is None or not go.requires_grad:  # the loss is linear (or constant) in the output
+        return o, torch.zeros_like
+
+    def hess(u: Tensor) -> Tensor:
+        with torch.enable_grad():
+            (hu,) = torch.autograd.grad(go, leaf, grad_outputs=u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(u) if hu is None else hu.detach()
+
+    return o, hess
 
 
 class _BlockGGNOperator:
@@ -197,12 +292,18 @@ class _BlockGGNOperator:
     ) -> None:
         self.flat, self.blocks, self.loss_fn = flat, [list(b) for b in blocks], loss_fn
         self.reduce = reduce
-        self.targets = batch[1]
         ps = flat.params
-        with _hvp._preserved(model, ps, True):
-            o = model(batch[0])
+        if callable(batch):  # a closure (with its optimizer as loss_fn): the loss Hessian from its own loss
+            o, self._hess = _closure_output(loss_fn, batch, ps)  # type: ignore[arg-type]
+        else:
+            targets = batch[1]
+            with _hvp._preserved(model, ps, True):
+                o = model(batch[0])
             if not isinstance(o, Tensor):
                 raise TypeError(f"the GGN needs the model to return a tensor, got {type(o).__name__}")
+            od = o.detach()
+            self._hess = lambda u: _hvp.loss_hessian_vp(loss_fn, od, targets, u)
+        with torch.enable_grad():
             self.o = o
             if o.requires_grad:
                 self.u = torch.zeros_like(o, requires_grad=True)
@@ -240,7 +341,7 @@ class _BlockGGNOperator:
         )
         if jv is None:
             return
-        hjv = _hvp.loss_hessian_vp(self.loss_fn, self.od, self.targets, jv.detach())
+        hjv = self._hess(jv.detach())
         gv = torch.autograd.grad(
             self.o, [self.flat.params[i] for i in idx], grad_outputs=hjv, retain_graph=True, allow_unused=True
         )
@@ -297,7 +398,7 @@ class _DampedKrylov(CurvatureOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         defaults: dict[str, float | Tensor],
         *,
         max_cg_iters: int,
@@ -319,9 +420,10 @@ class _DampedKrylov(CurvatureOptimizer):
         process_group: Any = None,
     ) -> None:
         name = type(self).__name__
-        if not callable(loss_fn):
+        if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
-                f"{name}: loss_fn must be a callable loss_fn(model(x), y) -> scalar, got {type(loss_fn).__name__}"
+                f"{name}: loss_fn must be None or a callable loss_fn(model(x), y) -> scalar, got "
+                f"{type(loss_fn).__name__}"
             )
         self.max_cg_iters = _pos_int("max_cg_iters", max_cg_iters)
         self.cg_tol = _pos_float("cg_tol", cg_tol)
@@ -383,47 +485,55 @@ class _DampedKrylov(CurvatureOptimizer):
         return self._lm
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(  # type: ignore[override]
-        self, closure: Closure | None = None, *, batch: Sequence[Any] | None = None, scaler: Any = None
-    ) -> Tensor:
-        """One step (see the module docstring). ``batch=(x, y)`` is required; ``closure`` defaults to
-        ``lambda: loss_fn(model(x), y)``. Returns the loss at the start of the step (detached).
+    _step_options = frozenset({"batch"})
 
-        ``scaler``: a ``torch.amp.GradScaler`` for an fp16-autocast closure: the closure's backward runs on
-        ``scaler.scale(loss)`` and the gradients are unscaled (``scaler.unscale_(self)``) before anything uses
-        them; a step whose gradients overflowed is skipped. Call ``scaler.update()`` after every step. The
-        curvature products run ``loss_fn(model(x), y)`` as written (outside the closure's autocast region),
-        so they need no scaling."""
-        self._check_hyper_types()
-        inputs, targets = _check_batch(batch, type(self).__name__)
-        curvature = self._curvature_subset((inputs, targets))  # validated before anything runs
-        rows = (_rows(inputs), _rows(curvature[0]))
-        if self._comm is None and 0 in rows:  # (under a process group: an empty *global* batch, after the reduce)
-            raise ValueError(
-                f"{type(self).__name__}.step: empty batch (inputs {tuple(inputs.shape)}, curvature rows {rows[1]}); "
-                f"nothing was changed"
-            )
-        if closure is None:
-            model, loss_fn = self.model, self.loss_fn
+    def _step(self, closure: Closure | None, batch: Sequence[Any] | None = None) -> tuple[Tensor | None, bool]:
+        """One step (see the module docstring). ``step(closure)``: gradient, curvature products and trial loss
+        all from the closure (replayed with the parameters substituted). ``step(batch=(x, y))`` (needs
+        ``loss_fn``): the products run ``loss_fn(model(x), y)`` directly (faster: no closure replay, and
+        BlockHF's ``curvature_batch`` applies); ``closure`` then defaults to ``lambda: loss_fn(model(x), y)``.
+        Returns the loss at the start of the step (detached).
 
-            def closure() -> Tensor:
-                return loss_fn(model(inputs), targets)
+        ``scaler`` (``step(..., scaler=)``): a ``torch.amp.GradScaler`` for an fp16-autocast closure: the
+        closure's backward runs on ``scaler.scale(loss)`` and the gradients are unscaled before anything uses
+        them; a step whose gradients overflowed is skipped. The curvature products use the unscaled loss."""
+        name = type(self).__name__
+        if batch is not None:
+            if self.loss_fn is None:
+                raise ValueError(
+                    f"{name}.step(batch=...) needs loss_fn at construction ({name}(model, loss_fn, ...)); or pass "
+                    f"only a closure: step(closure)"
+                )
+            inputs, targets = _check_batch(batch, name)
+            source: Any = self._curvature_subset((inputs, targets))  # validated before anything runs
+            rows = (_rows(inputs), _rows(source[0]))
+            if self._comm is None and 0 in rows:  # (under a process group: an empty *global* batch, after the reduce)
+                raise ValueError(
+                    f"{name}.step: empty batch (inputs {tuple(inputs.shape)}, curvature rows {rows[1]}); nothing was "
+                    f"changed"
+                )
+            if closure is None:
+                model, loss_fn = self.model, self.loss_fn
 
-        elif not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+                def closure() -> Tensor:
+                    return loss_fn(model(inputs), targets)
+
+        else:
+            if closure is None:
+                raise ValueError(
+                    f"{name}.step needs a closure (step(closure), the closure returns the loss; forward only or "
+                    f"LBFGS-style) or, with loss_fn given at construction, batch=(x, y)"
+                )
+            if getattr(self, "curvature_batch", None) is not None:
+                raise ValueError(f"{name}: curvature_batch selects from batch=(x, y); pass the batch to step")
+            source = closure  # curvature products replay the closure
+            rows = (1, 1)  # data parallel with a closure: every rank's minibatch weighs the same
         self._repair_state()
-        self._scaler = scaler
-        try:
-            loss, ok = self._step_with(closure, curvature, rows)
-        finally:
-            self._scaler = None
-        if ok:
-            self._counters["steps"] += 1
-        return loss
+        return self._step_with(closure, source, rows)
 
-    def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:  # pragma: no cover - step is overridden
-        raise NotImplementedError
+    def _source_loss(self, source: Any) -> Any:
+        """What the curvature operators take as ``loss_fn``: the optimizer itself when they replay a closure."""
+        return self if callable(source) else self.loss_fn
 
     def _curvature_subset(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
         """The part of ``batch`` the curvature products use (all of it here; BlockHF can take a subset)."""
@@ -607,16 +717,8 @@ class _DampedKrylov(CurvatureOptimizer):
         return loss0, True
 
     def _trial_loss(self, closure: Closure) -> Tensor:
-        try:
-            loss = closure()
-        except RuntimeError as e:  # e.g. a closure that calls backward() itself
-            raise RuntimeError(
-                f"{type(self).__name__}: the closure is also evaluated without gradients at the trial point, so "
-                f"it must only compute the loss (the optimizer calls backward itself); it raised: {e}"
-            ) from e
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
-        return loss.detach().reshape(())
+        """The closure at the trial point, without gradients (its ``zero_grad``/``backward`` are no-ops)."""
+        return self._replay(closure, grad=False).detach()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -649,8 +751,9 @@ class NewtonCG(_DampedKrylov):
 
     Args:
         model: the model; every trainable parameter is in the Newton system (no fallback).
-        loss_fn: ``loss_fn(model(x), y)`` returns the scalar loss; used for curvature products on
-            ``batch`` (and as the default closure).
+        loss_fn: optional; ``loss_fn(model(x), y)`` returns the scalar loss, used for curvature products on
+            ``step(batch=(x, y))`` (and as the default closure). Without it, ``step(closure)`` replays the
+            closure for the curvature products.
         lr: step length :math:`\eta` applied to the CG direction (0-d tensor hyperparameter), default 1.
         damping: initial Tikhonov/LM damping :math:`\lambda` (>= 0), default 1.
         method: curvature product, ``"complex-step"`` (default), ``"double-backward"`` or ``"ggn"``.
@@ -673,15 +776,15 @@ class NewtonCG(_DampedKrylov):
 
     Example::
 
-        opt = NewtonCG(model, F.cross_entropy)
+        opt = NewtonCG(model)
         for x, y in loader:
-            loss = opt.step(batch=(x, y))
+            loss = opt.step(lambda: F.cross_entropy(model(x), y))
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None = None,
         lr: float | Tensor = 1.0,
         damping: float | Tensor = 1.0,
         *,
@@ -727,13 +830,17 @@ class NewtonCG(_DampedKrylov):
     def _preconditioned(self) -> list[Tensor]:
         return self._flat.params
 
-    def _operator(self, batch: tuple[Any, Any]) -> Callable[[Tensor, Sequence[bool]], Tensor]:
+    def _operator(self, batch: Any) -> Callable[[Tensor, Sequence[bool]], Tensor]:
+        """The curvature operator on ``batch``: a pair ``(x, y)`` with ``loss_fn``, or the step's closure."""
+        src = self._source_loss(batch)
         if self.method == "complex-step":
+            if callable(batch):
+                return self._matvec(_ClosureComplexStepOperator(self, batch, self._flat, self.h))
             return self._matvec(_ComplexStepOperator(self._net, self.loss_fn, batch, self._flat, self.h))
         if self.method == "double-backward":
-            return self._matvec(_DoubleBackwardOperator(self._net, self.loss_fn, batch, self._flat))
+            return self._matvec(_DoubleBackwardOperator(self._net, src, batch, self._flat))
         return _BlockGGNOperator(
-            self._net, self.loss_fn, batch, self._flat, [list(range(len(self._flat.params)))], self._block_reducer()
+            self._net, src, batch, self._flat, [list(range(len(self._flat.params)))], self._block_reducer()
         )
 
     def _direction(self, batch: tuple[Any, Any], g: Tensor, lam: Tensor) -> tuple[CGResult, Tensor] | None:

@@ -284,7 +284,7 @@ def test_bad_construction_and_calls():
     with pytest.raises(TypeError, match="nn.Module"):
         BlockHF(list(m.parameters()), F.cross_entropy)
     with pytest.raises(TypeError, match="loss_fn"):
-        BlockHF(m, None)
+        BlockHF(m, "ce")
     with pytest.raises(ValueError, match="overlap"):
         BlockHF(m, F.cross_entropy, blocks=[[m[0].weight], [m[0].weight, m[0].bias]])
     with pytest.raises(ValueError, match="not a trainable parameter"):
@@ -311,8 +311,8 @@ def test_bad_construction_and_calls():
         BlockHF(m, F.cross_entropy, fallback="lion")
     opt = BlockHF(m, F.cross_entropy)
     params = _params(m)
-    with pytest.raises(ValueError, match="batch="):
-        opt.step(lambda: F.cross_entropy(m(x), y))
+    with pytest.raises(ValueError, match="curvature_batch"):
+        BlockHF(m, curvature_batch=0.5).step(lambda: F.cross_entropy(m(x), y))
     with pytest.raises(TypeError, match="pair"):
         opt.step(batch=(x, y, y))
     assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
