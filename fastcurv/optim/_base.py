@@ -542,7 +542,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """The one closure evaluator: run ``closure()`` with grad enabled and backpropagate its loss unless the
         closure called ``backward()`` itself (observed, not guessed). Gradients accumulated before the step are
         kept (:meth:`_begin_closure`). Returns the detached loss; with ``output=True`` the closure may return
-        ``(loss, model_output)`` and ``(loss, output, raw_loss, closure_called_backward)`` is returned.
+        ``(loss, model_output)`` and ``(loss, output, raw_loss, backward_calls)`` is returned (``backward_calls``:
+        the tensors the closure called ``backward()`` on, empty when it did not).
         ``backward=False``: never backpropagate (the caller does). ``retain_graph``: a backward the closure
         calls keeps the graph (for a second backward through it)."""
         if closure is None:
@@ -565,7 +566,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 self._backward(loss, retain_graph=retain_graph)
         if output:
-            return loss.detach(), out_t, loss, bool(calls)
+            return loss.detach(), out_t, loss, list(calls)
         return loss.detach()
 
     @contextlib.contextmanager

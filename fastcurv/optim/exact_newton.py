@@ -548,7 +548,7 @@ class ExactNewton(CurvatureOptimizer):
         auto = self._spec.fn is None  # the closure's own loss: keep its graph even if the closure backpropagates
         try:
             with no_sync(self.model):  # no DDP gradient sync: the gradients are computed (and reduced) here
-                loss, _, self._last_loss, _ = self._eval_closure(
+                loss, _, self._last_loss, calls = self._eval_closure(
                     closure, backward=False, output=True, retain_graph=auto
                 )
             with torch.enable_grad():
@@ -576,11 +576,12 @@ class ExactNewton(CurvatureOptimizer):
                     f = z.detach().requires_grad_(True)
                     (dz,) = torch.autograd.grad(self._spec.fn(f, seen[0][1]), f, create_graph=True)
                     hz = losses.per_sample_hessians(dz, f, elementwise=self._spec.elementwise)
-                elif auto and self._last_loss.requires_grad and z.requires_grad and z.dim() == 2:
-                    # the closure backpropagated its own loss (LBFGS-style, e.g. Lightning's automatic
-                    # optimization): the retained graph gives the per-sample output Hessians
+                elif auto and len(calls) == 1 and calls[0].requires_grad and z.requires_grad and z.dim() == 2:
+                    # the closure backpropagated its own loss (LBFGS-style; Lightning's automatic optimization
+                    # returns a detached copy): the graph of the tensor it backpropagated, retained, gives the
+                    # per-sample output Hessians
                     n_dz = len(dzs)
-                    (dz,) = torch.autograd.grad(self._last_loss, z, allow_unused=True, create_graph=True)
+                    (dz,) = torch.autograd.grad(calls[0], z, allow_unused=True, create_graph=True)
                     hz = torch.zeros_like(z) if dz is None else losses.per_sample_hessians(dz, z, elementwise=False)
                     del dzs[n_dz:]  # the output's gradient hook also saw these backward passes
         finally:

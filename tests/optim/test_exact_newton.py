@@ -470,3 +470,23 @@ def test_a_closure_that_backpropagates_a_loss_whose_hessian_is_unknown_raises(na
     with pytest.raises(ValueError, match="backward"):
         opt.step(closure)
     assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
+
+
+@pytest.mark.parametrize("name", ["soft-target-ce", "user-written", "label-smoothing"])
+def test_without_loss_fn_a_backpropagating_closure_gets_the_exact_hessian(name):
+    """ExactNewton(model) (loss_fn=None) with an LBFGS-style closure that returns a detached copy of the loss
+    (as Lightning's automatic optimization does): the graph of the tensor the closure backpropagated is kept,
+    so B is the exact per-sample output Hessian, as with a forward-only closure."""
+    loss_fn, targets = ANY_LOSSES[name]
+    m = _net()
+    x, y = torch.randn(5, 3, dtype=DT), targets(5)
+
+    def lbfgs_style():
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        return loss.detach().clone()
+
+    want = ExactNewton(m, loss_fn).hessian_factors(batch=(x, y))[-1]["B"]
+    got = ExactNewton(m).hessian_factors(lbfgs_style)[-1]["B"]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ExactNewton(m).hessian_factors(lambda: loss_fn(m(x), y))[-1]["B"], want, rtol=1e-12, atol=1e-14)
