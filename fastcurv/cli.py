@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     c.add_argument("--problem", default="curves",
-                   help="curves (generated, default), digits (scikit-learn, tiny), mnist or faces (need --data)")
+                   help="curves (generated, default), digits (scikit-learn, tiny), mnist or faces (need --data), "
+                        "or lm (a character-level transformer language model on Python's standard library)")
+    c.add_argument("--size", default="small", choices=("small", "medium", "large"),
+                   help="size of the lm problem's transformer (default small: sized for a CPU; larger for a GPU)")
     c.add_argument("--data", default=None, metavar="PATH",
                    help="data file for mnist/faces (or a real CURVES file): .npz with x_train/x_test, MNIST idx "
                         "files, or the original .mat (needs scipy)")
@@ -118,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training-clock seconds per optimizer (default {DEFAULT_BUDGET_SECONDS:g})")
     c.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
                    help="also stop each optimizer after N steps")
-    c.add_argument("--batch-size", type=_positive_int, default=1000, metavar="B",
-                   help="minibatch size (default 1000, the papers'; clamped to n_train)")
+    c.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="minibatch size (default 1000, the papers', for the autoencoders; 32 sequences for lm; "
+                        "clamped to n_train)")
     c.add_argument("--n-train", type=_positive_int, default=None, metavar="N",
                    help="training examples (default: the problem's, 20000 for curves)")
     c.add_argument("--n-test", type=_positive_int, default=None, metavar="N",
@@ -196,7 +200,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         optimizers=names,
         budget_seconds=args.budget_seconds,
         max_steps=args.max_steps,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 1000,
         seed=args.seed,
         device=_resolve_device(args.device),
         dtype=getattr(torch, args.dtype),
@@ -217,7 +221,15 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         where = "argument --set: " if args.settings else ""
         raise _UsageError(where + " ".join(str(e).split())) from None
     try:
-        problem = load_problem(args.problem, data=args.data, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
+        if args.problem.strip().lower() == "lm":
+            from fastcurv.lm import load_lm
+
+            if args.data is not None:
+                raise ProblemError("lm: the corpus is Python's standard library; do not pass --data")
+            problem = load_lm(args.size)
+            cfg.batch_size = args.batch_size or problem.batch_size
+        else:
+            problem = load_problem(args.problem, data=args.data, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
     except ProblemError as e:
         hint = " (on the command line: --data PATH)" if args.data is None and "data=" in str(e) else ""
         raise _UsageError(" ".join(str(e).split()) + hint) from None

@@ -191,6 +191,11 @@ class Problem:
             if x.shape[0] == 0:
                 raise ProblemError(f"{self.name}: {split} is empty")
 
+    @staticmethod
+    def split(batch: Tensor) -> tuple[Tensor, Tensor]:
+        """Model input and loss target of a minibatch of rows: an autoencoder's target is its input."""
+        return batch, batch
+
     @property
     def input_dim(self) -> int:
         """Number of pixels D (input width = output width)."""

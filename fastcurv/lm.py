@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcurv.data import ProblemError
+
 __all__ = ["CORPUS", "SIZES", "VOCAB", "LMProblem", "TinyGPT", "load_lm", "encode", "decode"]
 
 #: (path relative to the standard library, SHA-256 of its bytes)
@@ -112,10 +114,6 @@ def _read_corpus(root: Path | None = None) -> tuple[list[str], list[str]]:
             continue
         texts.append(raw.decode("utf-8"))
     return texts, missing
-
-
-class ProblemError(ValueError):
-    """The language-model problem cannot be set up (corpus not available, bad size)."""
 
 
 class _Block(nn.Module):
@@ -187,9 +185,33 @@ class LMProblem:
     batch_size: int
     description: str
 
+    #: the loss kind (for the comparison's K-FAC likelihood): cross-entropy over tokens
+    loss: str = "ce"
+
     @property
     def vocab_size(self) -> int:
         return len(VOCAB)
+
+    @property
+    def train_x(self) -> Tensor:
+        """Training windows for the comparison's minibatch stream: ``(N, block_size + 1)`` token ids, the text cut
+        at every ``block_size`` tokens (each window overlaps the next by the one token it predicts)."""
+        return _windows(self.train_tokens, self.block_size)
+
+    @property
+    def test_x(self) -> Tensor:
+        """Test windows, cut like :attr:`train_x`."""
+        return _windows(self.test_tokens, self.block_size)
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Widths along the network (vocabulary, ``d_model`` per block, vocabulary), for the comparison's JSON."""
+        return [self.vocab_size, *([self.d_model] * self.n_layer), self.vocab_size]
+
+    @staticmethod
+    def split(windows: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs and next-token targets of a batch of windows: ``(w[:, :-1], w[:, 1:])``."""
+        return windows[:, :-1], windows[:, 1:]
 
     def build_model(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyGPT:
         """A freshly initialised :class:`TinyGPT` (GPT-2 initialisation from a private generator seeded with
@@ -235,6 +257,11 @@ class LMProblem:
         idx = start[:, None] + torch.arange(self.block_size + 1)
         w = data[idx]
         return w[:, :-1], w[:, 1:]
+
+
+def _windows(tokens: Tensor, block: int) -> Tensor:
+    n = (tokens.numel() - 1) // block
+    return tokens[: n * block + 1].unfold(0, block + 1, block)
 
 
 def load_lm(size: str = "small", *, root: Path | str | None = None) -> LMProblem:

@@ -495,3 +495,21 @@ def test_schema_1_files_still_load_and_redraw(tmp_path: Path, capsys: pytest.Cap
         assert cli.main(["plot", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("fastcurv: error:") and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_runs_the_language_model_problem(tmp_path: Path) -> None:
+    """--problem lm: token windows keep their integer dtype, inputs and targets are shifted by one token, the
+    sequence-batch default applies, K-FAC samples categorical targets, and a method that cannot run the
+    transformer is reported in the table, not fatal."""
+    rc = cli.main(["compare", "--problem", "lm", "--optimizers", "adam,kfac,exact-newton", "--out", str(tmp_path),
+                   "--budget-seconds", "30", "--max-steps", "2", "--eval-size", "4", "--evals", "1",
+                   "--warmup-steps", "0", "--no-progress"])
+    assert rc == 0
+    res = _check_outputs(tmp_path, "lm", ["adam", "kfac", "exact-newton"])
+    assert res["problem"]["name"] == "lm" and res["problem"]["loss"] == "ce" and res["batch_size"] == 32
+    by = {r["name"]: r for r in res["optimizers"]}
+    assert by["adam"]["status"] == "ok" and by["adam"]["steps"] == 2
+    assert by["kfac"]["status"] == "ok" and by["kfac"]["hyperparameters"]["likelihood"] == "categorical"
+    assert by["exact-newton"]["status"] == "error" and "MLP" in by["exact-newton"]["error"]
+    first = by["adam"]["evals"]["train_loss"][0]
+    assert abs(first - math.log(96)) < 0.3  # GPT-2 initialisation: about uniform over the 96 characters

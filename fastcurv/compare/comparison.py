@@ -19,6 +19,7 @@ from fastcurv.compare.runner import Runner
 from fastcurv.compare.schema import SCHEMA_VERSION, finite_or_none
 from fastcurv.compare.targets import add_baseline_targets, time_to_target
 from fastcurv.data import Problem
+from fastcurv.lm import LMProblem
 
 __all__ = ["run_comparison"]
 
@@ -68,7 +69,7 @@ def _device_info(device: torch.device) -> dict[str, str]:
     return {"type": device.type, "name": name or platform.processor() or platform.machine() or device.type}
 
 
-def run_comparison(problem: Problem, cfg: CompareConfig, *, data_source: str | None = None) -> dict[str, Any]:
+def run_comparison(problem: Problem | LMProblem, cfg: CompareConfig, *, data_source: str | None = None) -> dict[str, Any]:
     """Run every selected optimizer on ``problem`` under ``cfg`` and return the results (the JSON dict of
     docs/compare.md; :func:`~fastcurv.compare.format_table`, :func:`~fastcurv.compare.plot` and
     :func:`~fastcurv.compare.save_json` consume it).
@@ -84,14 +85,21 @@ def run_comparison(problem: Problem, cfg: CompareConfig, *, data_source: str | N
     dev = cfg.device
     n_train = problem.train_x.shape[0]
     batch = min(cfg.batch_size, n_train)
-    eval_size = cfg.eval_size if cfg.eval_size is not None else (10000 if dev.type == "cuda" else 2000)
-    train_x = problem.train_x.to(device=dev, dtype=cfg.dtype)
+    rows = 10000 if dev.type == "cuda" else 2000
+    if problem.name == "lm":  # a row is a window of block_size tokens
+        rows = 1024 if dev.type == "cuda" else 128
+    eval_size = cfg.eval_size if cfg.eval_size is not None else rows
+
+    def to_dev(x: torch.Tensor) -> torch.Tensor:  # images take the run's dtype, token ids stay integers
+        return x.to(device=dev, dtype=cfg.dtype) if x.is_floating_point() else x.to(device=dev)
+
+    train_x = to_dev(problem.train_x)
     runner = Runner(
         problem=problem,
         cfg=cfg,
         train_x=train_x,
         eval_train=train_x[:eval_size],
-        eval_test=problem.test_x[:eval_size].to(device=dev, dtype=cfg.dtype),
+        eval_test=to_dev(problem.test_x[:eval_size]),
         batch_size=batch,
     )
     tune_seconds = cfg.tune_seconds if cfg.tune_seconds is not None else cfg.budget_seconds / 4

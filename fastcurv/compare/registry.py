@@ -106,7 +106,8 @@ def _on_curves(name: str, otherwise: dict[str, Any]) -> Callable[[Problem], dict
 
 
 def _kfac_defaults(problem: Problem) -> dict[str, Any]:
-    return {"fisher": "sampled", "likelihood": "bernoulli" if problem.loss == "bce" else "gaussian"}
+    lik = {"bce": "bernoulli", "ce": "categorical"}.get(problem.loss, "gaussian")
+    return {"fisher": "sampled", "likelihood": lik}
 
 
 def _exact_newton_seconds(problem: Problem, batch_size: int, device: torch.device) -> float | None:

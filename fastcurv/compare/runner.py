@@ -20,6 +20,7 @@ from fastcurv.compare.errors import one_line
 from fastcurv.compare.registry import OptimizerEntry, accepted_kwargs
 from fastcurv.compare.schema import finite_or_none, jsonable
 from fastcurv.data import Problem
+from fastcurv.lm import LMProblem
 
 __all__ = ["BLOWUP", "MAX_NONFINITE", "Runner"]
 
@@ -45,13 +46,13 @@ class _Batches:
                 yield self.x.index_select(0, perm[i : i + self.b])
 
 
-def _mean_loss(problem: Problem, model: nn.Module, x: Tensor, chunk: int = 5000) -> float:
+def _mean_loss(problem: Problem | LMProblem, model: nn.Module, x: Tensor, chunk: int = 5000) -> float:
     """Mean per-example loss of ``model`` on the rows of ``x`` (no grad, chunked)."""
     total = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
-            xb = x[i : i + chunk]
-            total += float(problem.loss_fn(model(xb), xb)) * xb.shape[0]
+            xb, yb = problem.split(x[i : i + chunk])
+            total += float(problem.loss_fn(model(xb), yb)) * xb.shape[0]
     return total / x.shape[0]
 
 
@@ -59,7 +60,7 @@ def _mean_loss(problem: Problem, model: nn.Module, x: Tensor, chunk: int = 5000)
 class Runner:
     """Everything shared by the runs of one comparison (data on the device, settings)."""
 
-    problem: Problem
+    problem: Problem | LMProblem
     cfg: CompareConfig
     train_x: Tensor
     eval_train: Tensor
@@ -108,7 +109,7 @@ class Runner:
         if entry.batch_step:
 
             def step_fn(closure: Callable[[], Any], xb: Tensor) -> Tensor:
-                return opt.step(closure, batch=(xb, xb))
+                return opt.step(closure, batch=self.problem.split(xb))
 
         else:
 
@@ -125,14 +126,15 @@ class Runner:
 
     def closure_for(self, entry: OptimizerEntry, model: nn.Module, xb: Tensor) -> Callable[[], Any]:
         loss_fn = self.problem.loss_fn
+        x, y = self.problem.split(xb)
         if entry.closure_output:
 
             def closure_out() -> tuple[Tensor, Tensor]:
-                out = model(xb)
-                return loss_fn(out, xb), out
+                out = model(x)
+                return loss_fn(out, y), out
 
             return closure_out
-        return lambda: loss_fn(model(xb), xb)
+        return lambda: loss_fn(model(x), y)
 
     # ---------------------------------------------------------------------------------------- one run
     def run(
