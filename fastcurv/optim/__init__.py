@@ -11,5 +11,6 @@ from fastcurv.optim.exact_newton import ExactNewton
 from fastcurv.optim.kbfgs import KBFGS, KBFGSL
 from fastcurv.optim.kfac import KFAC
 from fastcurv.optim.newton_cg import NewtonCG
+from fastcurv.optim.soap import SOAP
 
-__all__ = ["CurvatureOptimizer", "KFAC", "KBFGS", "KBFGSL", "NewtonCG", "BlockHF", "ExactNewton"]
+__all__ = ["CurvatureOptimizer", "KFAC", "KBFGS", "KBFGSL", "NewtonCG", "BlockHF", "ExactNewton", "SOAP"]
