@@ -230,3 +230,27 @@ def test_max_precond_dim_leaves_a_side_unrotated() -> None:
         opt.step(lambda: _loss(m, x, y))
     assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
     assert "SOAP" in opt.describe()
+
+
+def test_readme_example_soap_like_trains() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "soap_like.py"
+    spec = importlib.util.spec_from_file_location("soap_like", path)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
+    x = torch.randn(64, 6)
+    opt = mod.SoapLike(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = (model(x) - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[1] == losses[0]  # the first step only collects statistics
+    assert losses[-1] < 0.3 * losses[0]
