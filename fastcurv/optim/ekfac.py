@@ -71,11 +71,15 @@ class _Layer:
 
 
 def _eigvecs(M: Tensor) -> Tensor | None:
+    """Eigenvectors of the symmetric ``M`` (ascending eigenvalues), retried in float64 when LAPACK fails or returns
+    non-finite vectors (seen for float32 factors of layers behind many dead ReLUs); None when both fail."""
     for dt in (M.dtype, torch.float64):
         try:
-            return torch.linalg.eigh(M.to(dt))[1].to(M.dtype)
+            Q = torch.linalg.eigh(M.to(dt))[1]
         except RuntimeError:
             continue
+        if bool(torch.isfinite(Q).all()):
+            return Q.to(M.dtype)
     return None
 
 

@@ -51,7 +51,8 @@ code offers differently):
   ``precondition_1d`` are not offered;
 * the code projects :math:`m` back to the original basis and forward again after *every* step (the same basis
   unless refreshed); here it is carried over only when the basis changes (equal up to rounding);
-* ``eigh`` failures are retried in float64 as in the code; a QR or ``eigh`` that still fails keeps the old basis
+* ``eigh`` failures (an exception, or non-finite vectors) are retried in float64 as in the code (which retries on
+  exceptions only); a QR or ``eigh`` that still fails keeps the old basis
   (counted in ``basis_failures``) instead of raising;
 * weight decay is applied as :math:`W(1 - \eta\lambda)` (the code: ``W + (-\eta\lambda) W``; equal up to rounding).
 
@@ -89,7 +90,8 @@ def _eigh_desc(M: Tensor) -> Tensor | None:
             _, Q = torch.linalg.eigh((M + 1e-30 * eye).to(dt))
         except RuntimeError:
             continue
-        return torch.flip(Q, [1]).to(M.dtype)
+        if bool(torch.isfinite(Q).all()):  # float32 LAPACK can return NaN vectors without raising
+            return torch.flip(Q, [1]).to(M.dtype)
     return None
 
 
