@@ -69,6 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcurv import ops
+from fastcurv.capture import Capture
 from fastcurv.optim._base import Closure, CurvatureOptimizer
 
 __all__ = ["SOAP"]
@@ -116,6 +117,10 @@ class SOAP(CurvatureOptimizer):
         max_precond_dim: sides longer than this get no factor (default 10000).
         normalize_grads: divide each projected-back direction by its RMS (default False).
         correct_bias: Adam's bias correction (default True).
+        factors: ``"shampoo"`` (default, SOAP: :math:`GG^\top`, :math:`G^\top G`) or ``"kfac"``: for the weights of
+            ``nn.Linear``/``nn.Conv2d`` layers, K-FAC's per-sample factors :math:`L = \mathrm{EMA}(\mathbb E[gg^\top])`,
+            :math:`R = \mathrm{EMA}(\mathbb E[aa^\top])` from :class:`fastcurv.capture.Capture` (Adam in the K-FAC
+            eigenbasis; same EMA, refresh and moment transport; not in the paper). Other parameters keep Shampoo's.
         on_nonfinite, compile: see :class:`~fastcurv.optim._base.CurvatureOptimizer` (the update runs eagerly;
             ``compile`` is accepted for the common signature).
     """
@@ -142,6 +147,7 @@ class SOAP(CurvatureOptimizer):
         max_precond_dim: int = 10000,
         normalize_grads: bool = False,
         correct_bias: bool = True,
+        factors: str = "shampoo",
         on_nonfinite: str = "skip",
         compile: bool | str = "auto",
     ) -> None:
@@ -166,13 +172,31 @@ class SOAP(CurvatureOptimizer):
         self.max_precond_dim = max_precond_dim
         self.normalize_grads = bool(normalize_grads)
         self.correct_bias = bool(correct_bias)
+        if factors not in ("shampoo", "kfac"):
+            raise ValueError(f"factors must be 'shampoo' or 'kfac', got {factors!r}")
+        self.factors = factors
+        self._stats: dict[Tensor, Any] = {}
+        self._cap: Capture | None = None
+        if factors == "kfac":
+            attached = [n for n, mod in model.named_modules() if hasattr(mod, "_fastcurv_stats")]
+            if attached:
+                raise ValueError(f"SOAP(factors='kfac'): layers {attached[:3]} are already captured; .remove() first")
+            trainable = set(g["params"])
+            layers = [
+                m for m in model.modules()
+                if type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1 and m.weight in trainable
+            ]
+            dt = self._state_dtype(g["params"][0])
+            self._cap = Capture(model, layers=layers, dtype=dt, grad_scale="batch", mode=("A", "G"))
+            self._stats = {st.module.weight: st for st in self._cap.layers}
         names = {p: n for n, p in model.named_parameters()}
         mapping: dict[Tensor, str] = {}
         for p in g["params"]:
             self._init_param_state(p)
             if p.dim() >= 2:
                 sides = [d if d <= max_precond_dim else "-" for d in self._shape2(p)]
-                mapping[p] = f"SOAP (factors {sides[0]} x {sides[1]})"
+                kind = "K-FAC E[ggᵀ], E[aaᵀ]" if p in self._stats else "Shampoo"
+                mapping[p] = f"SOAP ({kind} factors {sides[0]} x {sides[1]})"
             else:
                 mapping[p] = "SOAP 1-d (Adam, no basis)"
         del names
@@ -245,6 +269,8 @@ class SOAP(CurvatureOptimizer):
     def _step(self, closure: Closure | None) -> tuple[Tensor | None, bool]:
         params = self.param_groups[0]["params"]
         if closure is not None:
+            if self._cap is not None:
+                self._cap.reset()
             loss: Tensor | None = self._eval_closure(closure)
         else:
             loss = None
@@ -255,9 +281,12 @@ class SOAP(CurvatureOptimizer):
                 )
         active = [p for p in params if p.grad is not None]
         check: list[Tensor | None] = [p.grad for p in active]
+        check += [t for p in active if p in self._stats for t in (self._stats[p].A, self._stats[p].G)]
         if loss is not None:
             check.append(loss.reshape(1))
         if not self._all_finite(check):
+            if self._cap is not None:
+                self._cap.reset()
             self._skip("loss or gradient")
             return loss, False
         self._repair_state(active)
@@ -290,10 +319,17 @@ class SOAP(CurvatureOptimizer):
         for p in active:
             st = self.state[p]
             for side, key in self._factors(p):
+                if p in self._stats:  # K-FAC factors: E[ggᵀ] (left), E[aaᵀ] without the bias coordinate (right)
+                    ls = self._stats[p]
+                    B = ls.G if side == 0 else ls.A[: st[key].shape[0], : st[key].shape[0]]
+                    st[key].mul_(bs.to(B.dtype)).add_(B * (1 - bs.to(B.dtype)))
+                    continue
                 As.append(st[key])
                 Xs.append(_factor_rows(grads[p], side))
         if As:
             ops.kron_factor_update_foreach_(As, Xs, bs)
+        if self._cap is not None:
+            self._cap.reset()
         for p in active:
             st = self.state[p]
             if not st["initialized"]:
@@ -322,6 +358,11 @@ class SOAP(CurvatureOptimizer):
             if not self._all_finite([t for t in st.values() if isinstance(t, Tensor)]):
                 self._init_param_state(p)
                 self._counters["state_resets"] += 1
+
+    def remove(self) -> None:
+        """Detach the capture (``factors='kfac'``) from the model; the optimizer is unusable after."""
+        if self._cap is not None:
+            self._cap.remove()
 
     def __repr__(self) -> str:
         g = self.param_groups[0]

@@ -254,3 +254,28 @@ def test_readme_example_soap_like_trains() -> None:
         losses.append(float(loss))
     assert losses[1] == losses[0]  # the first step only collects statistics
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_kfac_factors_option() -> None:
+    m = _model()
+    opt = SOAP(m, **HP, factors="kfac")
+    x, y = _batches(1)[0]
+    W = m[2].weight
+    # K-FAC's statistics of the first batch for the middle layer, by hand (g = N dL/dh)
+    a = torch.tanh(m[0](x)).detach()
+    out = m[2](a).detach().requires_grad_(True)
+    z = torch.tanh(out)
+    g = torch.autograd.grad(0.5 * (m[4](z) - y).pow(2).sum() / 8, out)[0] * 8
+    opt.step(lambda: _loss(m, x, y))
+    st = opt.state[W]
+    torch.testing.assert_close(st["L"], 0.2 * g.T @ g / 8, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(st["R"], 0.2 * a.T @ a / 8, rtol=1e-10, atol=1e-14)
+    assert "K-FAC" in opt.describe()
+    start = [p.detach().clone() for p in m.parameters()]
+    for x, y in _batches(10, seed=3):
+        opt.step(lambda: _loss(m, x, y))
+    assert opt.skipped_steps == 0
+    assert max(float((p - q).abs().max()) for p, q in zip(m.parameters(), start)) > 0.05
+    opt.remove()
+    with pytest.raises(ValueError, match="factors"):
+        SOAP(_model(), factors="diag")
