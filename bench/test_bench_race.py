@@ -90,6 +90,7 @@ def registry() -> dict[str, Callable[[nn.Module], Any]]:
     for lr in (3e-3, 1e-2, 2e-2):
         r[f"soap_{lr:g}"] = _fastcurv("SOAP", lr=lr)
         r[f"soap_f2_{lr:g}"] = _fastcurv("SOAP", lr=lr, betas=(0.9, 0.95), precondition_frequency=2)
+        r[f"soap_f1_{lr:g}"] = _fastcurv("SOAP", lr=lr, betas=(0.9, 0.95), precondition_frequency=1)
         r[f"soap_kfac_f2_{lr:g}"] = _fastcurv(
             "SOAP", lr=lr, betas=(0.9, 0.95), precondition_frequency=2, factors="kfac"
         )

@@ -139,7 +139,9 @@ class EKFAC(CurvatureOptimizer):
         if float(g["momentum"]) >= 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {float(g['momentum'])}")
         if float(g["damping"]) <= 0.0:
-            raise ValueError(f"damping must be > 0 (it bounds the step where the diagonal is 0), got {float(g['damping'])}")
+            raise ValueError(
+                f"damping must be > 0 (it bounds the step where the diagonal is 0), got {float(g['damping'])}"
+            )
         params = g["params"]
         if factor_dtype is None:
             factor_dtype = params[0].dtype if params[0].dtype in (torch.float32, torch.float64) else torch.float32
@@ -204,7 +206,8 @@ class EKFAC(CurvatureOptimizer):
     # ------------------------------------------------------------------------------------------ pieces
     @staticmethod
     def _projected_second_moment(a: Tensor, g: Tensor, UA: Tensor, UG: Tensor) -> Tensor:
-        r""":math:`\frac1N\sum_i (U_G^\top \nabla_i U_A)^{\odot 2}` with :math:`\nabla_i = \sum_t g_{it}\bar a_{it}^\top`."""
+        r""":math:`\frac1N\sum_i (U_G^\top \nabla_i U_A)^{\odot 2}` with
+        :math:`\nabla_i = \sum_t g_{it}\bar a_{it}^\top`."""
         n = a.shape[0]
         u = g @ UG  # (N, T, d_g)
         v = a @ UA  # (N, T, d_a)

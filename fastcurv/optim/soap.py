@@ -189,7 +189,6 @@ class SOAP(CurvatureOptimizer):
             dt = self._state_dtype(g["params"][0])
             self._cap = Capture(model, layers=layers, dtype=dt, grad_scale="batch", mode=("A", "G"))
             self._stats = {st.module.weight: st for st in self._cap.layers}
-        names = {p: n for n, p in model.named_parameters()}
         mapping: dict[Tensor, str] = {}
         for p in g["params"]:
             self._init_param_state(p)
@@ -199,7 +198,6 @@ class SOAP(CurvatureOptimizer):
                 mapping[p] = f"SOAP ({kind} factors {sides[0]} x {sides[1]})"
             else:
                 mapping[p] = "SOAP 1-d (Adam, no basis)"
-        del names
         self._set_preconditioned(mapping)
         self._counters.update(basis_refreshes=0, basis_failures=0)
 

@@ -21,8 +21,10 @@ def _model() -> nn.Module:
 
 def _batches(n: int, size: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, generator=g, dtype=torch.float64), torch.randn(size, 2, generator=g, dtype=torch.float64))
-            for _ in range(n)]
+    f64 = torch.float64
+    return [
+        (torch.randn(size, 3, generator=g, dtype=f64), torch.randn(size, 2, generator=g, dtype=f64)) for _ in range(n)
+    ]
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
