@@ -39,9 +39,12 @@ paper's per-batch re-estimate). Momentum is on the gradient before preconditioni
 Convolutions (and everything else) go to the base class's fallback: their per-sample projected gradients need
 a ``(N, d_g, d_a)`` tensor per layer, not implemented. No GradScaler and no data parallelism yet.
 
-Defaults (chosen on the generated CURVES autoencoder, see bench/test_bench_race.py): ``lr=0.3``,
-``damping=0.1``, ``momentum=0.9``, ``weight_decay=0``, ``stat_decay=0.95``, ``scale_decay=0.95``,
-``inv_every=10``.
+Defaults: ``lr=0.3``, ``damping=3``, ``momentum=0.9``, ``weight_decay=0``, ``stat_decay=0.95``,
+``scale_decay=0.95``, ``inv_every=10``. Measured on the generated CURVES autoencoder (batch 1000, 40 steps,
+evaluated loss on 2000 training images): damping 0.1 diverges within 3 steps at lr 0.3 and 1; lr 0.3 with damping
+1 or 3 and lr 1 with damping 10 stall on the plateau near 163 (lr 1 / damping 3 diverges), where SOAP is at 143
+after 50 steps — the natural-gradient scaling :math:`1/S` does not escape that plateau like Adam's
+:math:`1/\sqrt v` does (``SOAP(model, factors="kfac")`` is Adam in this same eigenbasis).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class EKFAC(CurvatureOptimizer):
 
     Usage::
 
-        opt = EKFAC(model, lr=0.3, damping=0.1)
+        opt = EKFAC(model, lr=0.3, damping=3.0)
         opt.step(lambda: loss_fn(model(x), y))          # or: loss.backward(); opt.step()
 
     Args:
@@ -114,7 +117,7 @@ class EKFAC(CurvatureOptimizer):
         self,
         model: nn.Module,
         lr: float | Tensor = 0.3,
-        damping: float | Tensor = 0.1,
+        damping: float | Tensor = 3.0,
         momentum: float | Tensor = 0.9,
         weight_decay: float | Tensor = 0.0,
         stat_decay: float | Tensor = 0.95,
