@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.optim import KBFGS, KBFGSL, KFAC, BlockHF, ExactNewton, NewtonCG
+from fastcurv.optim import EKFAC, KBFGS, KBFGSL, KFAC, SOAP, BlockHF, ExactNewton, NewtonCG
 
 D = torch.float64
 
@@ -28,6 +28,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "newton_cg_ggn": lambda m: NewtonCG(m, method="ggn", damping=1.0, max_cg_iters=5),
     "block_hf": lambda m: BlockHF(m, damping=1.0, max_cg_iters=5),
     "exact_newton": lambda m: ExactNewton(m, lr=0.5, damping=1.0),
+    "soap": lambda m: SOAP(m, lr=1e-2),
+    "ekfac": lambda m: EKFAC(m, lr=0.1, damping=1.0),
 }
 
 
