@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated registry names or dotted paths to optimizer classes (e.g. "
                         "adam,torch.optim.AdamW,heavyball.SOAP), or 'all' (default: adam, heavyball's soap and "
                         "psgd when heavyball is installed, and every fastcurv optimizer available: "
-                        "kfac,kbfgs,kbfgsl,newton-cg,block-hf,exact-newton; also: adamw)")
+                        "fc-soap,kfac,kbfgs,kbfgsl,newton-cg,block-hf,exact-newton; also: adamw, ekfac)")
     c.add_argument("--budget-seconds", type=_positive_float, default=DEFAULT_BUDGET_SECONDS, metavar="S",
                    help=f"training-clock seconds per optimizer (default {DEFAULT_BUDGET_SECONDS:g})")
     c.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",

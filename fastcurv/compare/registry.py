@@ -95,6 +95,8 @@ CURVES_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 3e-3, "weight_decay": 1e-2},
     "soap": {"lr": 1e-2},
     "psgd": {"lr": PSGD_LR},
+    "fc-soap": {"lr": 1e-2, "betas": (0.9, 0.95), "precondition_frequency": 2, "weight_decay": 0.01},
+    "ekfac": {"lr": 0.3, "damping": 3.0},
     "kbfgs": {"lr": 0.3, "damping": 0.7},
     "kbfgsl": {"lr": 0.3, "damping": 0.7},
 }
@@ -142,6 +144,12 @@ REGISTRY: dict[str, OptimizerEntry] = {
                        _on_curves("psgd", {}), None, from_params=True, compile_switch=peers.heavyball_compile),
         OptimizerEntry("kfac", "fastcurv.optim:KFAC", "K-FAC (Martens & Grosse 2015), sampled Fisher",
                        _kfac_defaults, _product(lr=(0.3, 1.0), damping=(0.3, 3.0)), closure_output=True),
+        OptimizerEntry("fc-soap", "fastcurv.optim:SOAP",
+                       "fastcurv's SOAP (Adam in Shampoo's eigenbasis, Vyas et al. 2024); on curves lr 1e-2, "
+                       "betas (0.9, 0.95), refresh every 2 steps (bench/test_bench_race.py)",
+                       _on_curves("fc-soap", {}), _product(lr=(3e-3, 1e-2, 2e-2))),
+        OptimizerEntry("ekfac", "fastcurv.optim:EKFAC", "EKFAC (George et al. 2018); on curves lr 0.3, damping 3",
+                       _on_curves("ekfac", {}), _product(lr=(0.3, 1.0), damping=(1.0, 3.0, 10.0))),
         OptimizerEntry("kbfgs", "fastcurv.optim:KBFGS", "K-BFGS (Goldfarb, Ren & Bahamou 2020)",
                        _on_curves("kbfgs", {}), _product(lr=(0.1, 0.3), damping=(0.3, 0.7, 1.0))),
         OptimizerEntry("kbfgsl", "fastcurv.optim:KBFGSL", "K-BFGS(L): limited-memory H_g",
@@ -157,7 +165,7 @@ REGISTRY: dict[str, OptimizerEntry] = {
 
 #: Optimizers that run when none are named: the Adam baseline, heavyball's SOAP and PSGD when heavyball is
 #: installed (``pip install fastcurv[peers]``) and every fastcurv optimizer that imports.
-_DEFAULT_NAMES = ("adam", "soap", "psgd", "kfac", "kbfgs", "kbfgsl", "newton-cg", "block-hf", "exact-newton")
+_DEFAULT_NAMES = ("adam", "soap", "psgd", "fc-soap", "kfac", "kbfgs", "kbfgsl", "newton-cg", "block-hf", "exact-newton")
 
 
 def _import_target(target: str) -> type:
