@@ -31,10 +31,9 @@ basis. With gradient :math:`G` and :math:`t` counting the steps after the first:
 
 :math:`\beta_s` is ``shampoo_beta``; the code's default ``-1`` means "use :math:`\beta_2`" (``None`` here).
 
-The factor EMA goes through :func:`fastcurv.ops.kron_factor_update_foreach_` (one SYRK per factor, fused on
-GPU): it computes :math:`A \leftarrow \beta A + \frac{1-\beta}{m}X^\top X` for ``m`` rows, so :math:`GG^\top` is
-passed as the rows :math:`X = \sqrt{d_1}\,G^\top` and :math:`G^\top G` as :math:`X = \sqrt{d_0}\,G` (see
-:func:`_factor_rows`; the only place to change when the op gains a Shampoo-style normalisation).
+The factor EMA goes through :func:`fastcurv.ops.kron_factor_update_foreach_` with ``normalize=False`` (one
+SYRK per factor, fused on GPU): :math:`L \leftarrow \beta L + (1-\beta)GG^\top` from the rows :math:`X = G^\top`
+and :math:`R \leftarrow \beta R + (1-\beta)G^\top G` from :math:`X = G` (see :func:`_factor_rows`).
 
 Contract (as every fastcurv optimizer): built from the model; ``step(closure)`` or the plain loop
 ``loss.backward(); opt.step()``; hyperparameters are 0-d tensors; a non-finite loss or gradient skips the step
@@ -66,7 +65,6 @@ heavyball's SOAP at ``lr=1e-2`` needs 105 and 145 on the same protocol.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -80,10 +78,9 @@ __all__ = ["SOAP"]
 
 
 def _factor_rows(G: Tensor, side: int) -> Tensor:
-    r"""Rows :math:`X` with :math:`\frac1m X^\top X = GG^\top` (``side=0``) or :math:`G^\top G` (``side=1``),
-    for :func:`fastcurv.ops.kron_factor_update_foreach_` (which divides by the number of rows ``m``)."""
-    X = G.T if side == 0 else G
-    return X * math.sqrt(X.shape[0])
+    r"""Rows :math:`X` with :math:`X^\top X = GG^\top` (``side=0``) or :math:`G^\top G` (``side=1``), for
+    :func:`fastcurv.ops.kron_factor_update_foreach_` with ``normalize=False``."""
+    return G.T if side == 0 else G
 
 
 def _eigh_desc(M: Tensor) -> Tensor | None:
@@ -329,7 +326,7 @@ class SOAP(CurvatureOptimizer):
                 As.append(st[key])
                 Xs.append(_factor_rows(grads[p], side))
         if As:
-            ops.kron_factor_update_foreach_(As, Xs, bs)
+            ops.kron_factor_update_foreach_(As, Xs, bs, normalize=False)
         if self._cap is not None:
             self._cap.reset()
         for p in active:
