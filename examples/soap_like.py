@@ -28,7 +28,6 @@ class SoapLike(torch.optim.Optimizer):
                     st["v"].mul_(b2).addcmul_(Gp, Gp, value=1 - b2)
                     size = group["lr"] * (1 - b2 ** st["t"]) ** 0.5 / (1 - b1 ** st["t"])
                     p.sub_(size * (st["QL"] @ (st["m"] / (st["v"].sqrt() + group["eps"])) @ st["QR"].T).view_as(p))
-                # L <- b2 L + (1 - b2) G Gᵀ: the op computes A <- b A + (1 - b)/m XᵀX for X with m rows
                 kron_factor_update_(st["L"], G.T, b2, normalize=False)  # L <- b2 L + (1 - b2) G G^T
                 kron_factor_update_(st["R"], G, b2, normalize=False)    # R <- b2 R + (1 - b2) G^T G
                 if st["t"] % every == 0:  # new eigenbasis; carry the first moment over to it

@@ -255,6 +255,11 @@ def test_readme_example_soap_like_trains() -> None:
         losses.append(float(loss))
     assert losses[1] == losses[0]  # the first step only collects statistics
     assert losses[-1] < 0.3 * losses[0]
+    # the README shows the class verbatim: it must not drift from the file that is tested here
+    readme = (path.parents[1] / "README.md").read_text()
+    block = readme.split("class SoapLike(torch.optim.Optimizer):", 1)[1].split("```", 1)[0]
+    source = path.read_text().split("class SoapLike(torch.optim.Optimizer):", 1)[1]
+    assert source.startswith(block.rstrip("\n") + "\n")
 
 
 def test_kfac_factors_option() -> None:
