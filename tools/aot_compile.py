@@ -288,7 +288,7 @@ def markdown_table(paths: list[Path]) -> str:
         prec = c.get("INPUT_PRECISION", c.get("PRECISION", "-"))
         if r["kernel"] == "kron_factor" and c.get("BLOCK_K") == 64:
             prec = "bf16/fp16 X"
-        blocks = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK", "BM", "BN", "BT") if k in c)
+        blocks = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_K", "BM", "BN", "BT") if k in c)
         return (r["kernel"], r["dtype"], prec, f"{blocks} w{r['num_warps']} s{r['num_stages']}")
 
     rows: dict[tuple, list] = {}
