@@ -15,7 +15,8 @@
 #   4. optimizer step time against torch.optim.AdamW(fused=True), if bench/test_bench_step.py
 #      exists                                                                            -> 4_bench_step.*
 #   5. fastcurv compare on the default problem with a short budget (PNG + JSON)         -> 5_compare/
-# then steps.tsv (status and seconds of each step) and summary.json (all of it, device named in it).
+# then steps.tsv (status and seconds of each step) and summary.json (all of it, device named in it), also
+# written as bench/results/<device>.json on a GPU.
 #
 # On a machine without CUDA it degrades instead of failing: the kernel tests run under Triton's CPU
 # interpreter (gpu_only tests skip), benchmarks run once as smoke tests (--benchmark-disable) and compare
@@ -151,6 +152,9 @@ slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") or "unknown"
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 (out / f"{slug}.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"wrote {out}/summary.json and {out}/{slug}.json")
+if summary["env"].get("cuda_available"):  # the file to commit: bench/results/<device>.json
+    Path("bench/results", f"{slug}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote bench/results/{slug}.json (commit it with git add -f: results/ is git-ignored)")
 EOF
 echo
 column -t -s $'\t' "$OUT/steps.tsv" 2> /dev/null || cat "$OUT/steps.tsv"

@@ -61,16 +61,19 @@ def _interpreting() -> bool:
 # fp32 accumulators need more than the 255 registers a thread has (34-40 KB of spills on triton 3.6 and
 # 3.9); at 64x64x16 / 4 warps the forward has none but the backward's four-product variants sit at 255
 # registers and spill up to 400 bytes (with 2 stages too); 64x64x16 / 8 warps uses 103-184 registers and
-# spills in no variant (64x64x32 / 8 warps and 32x64x32 / 4 warps spill). TF32 lowers to wgmma, which keeps
-# the accumulators in registers a warpgroup shares: 128x128x32 / 8 warps there (4 tiles x 16 KiB x 3 stages = 192 KiB of
-# shared memory of 227 KiB). float64 lowers to mma.sync.
+# spills in no variant (64x64x32 / 8 warps and 32x64x32 / 4 warps spill). TF32 lowers to wgmma; at
+# 128x128x32 / 8 warps the backward's four-product variants reach 255 registers and spill 48-212 bytes
+# (2 stages: up to 384), at 128x64x32 / 8 warps / 3 stages they use 178-242 with no spills (4 tiles of
+# 8-16 KiB x 3 stages = 144 KiB of shared memory of 227 KiB). float64 lowers to mma.sync; with two float64
+# accumulators of 64x64 its backward variants spill 8-424 bytes at 4 warps and 16-28 at 8 warps (triton
+# 3.6), so it uses 64x32x16 / 4 warps (165-196 registers, no spills).
 # In the interpreter the cost is (#programs x K-steps) Python dispatches plus the numpy work of each (padded)
 # tile, so blocks there are large but capped, and shrunk to the problem for tiny shapes.
 # ---------------------------------------------------------------------------------------------------------
 _CONFIGS: dict[tuple[torch.dtype, str], dict[str, int]] = {
-    (torch.float32, "tf32"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    (torch.float32, "tf32"): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     (torch.float32, "ieee"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
-    (torch.float64, "ieee"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3),
+    (torch.float64, "ieee"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3),
 }
 _INTERPRETER_MAX_BLOCK = 64  # measured best on CPU between 16 and 128 (numpy work vs dispatch count)
 _INT32_LIMIT = 2**31 - 1  # element offsets at or past this switch the kernel to int64 index arithmetic

@@ -38,7 +38,8 @@ __all__ = ["kron_factor_update"]
 @triton.jit
 def _kron_factor_kernel(
     tiles_ptr,  # int32 (T, 3): (layer, ti, tj) with ti <= tj, one row per program
-    dims_ptr,  # int32 (L, 3): (d, m, divisor) per layer; divisor = m (normalised) or 1
+    dims_ptr,  # int32 (L, 2): (d, m) per layer
+    inv_ptr,  # (L,) of A's dtype: 1/m per layer (normalised) or 1
     ptrs_ptr,  # int64 (2L,): data pointers of A_0..A_{L-1}, then of X_0..X_{L-1}
     oks_ptr,  # bool (L,): apply the update to layer i only when oks[i]
     beta_ptr,  # 0-d tensor of A's dtype (also carries A's dtype)
@@ -56,7 +57,7 @@ def _kron_factor_kernel(
     .. math::
         S_{RC} = \sum_{k_0 = 0, B_K, \dots}^{m-1} X_{k_0:k_0+B_K,\,R}^\top\, X_{k_0:k_0+B_K,\,C},
         \qquad N = \beta A_{RC} + s\, S_{RC},
-        \qquad s = \frac{1-\beta}{\mathrm{divisor}},\ \mathrm{divisor} \in \{m, 1\},
+        \qquad s = (1-\beta)\cdot\mathrm{inv},\ \mathrm{inv} \in \{\mathrm{fl}(1/m), 1\},
 
     accumulated in A's dtype (fp32 for bf16/fp16/fp32 X, fp64 for fp64 X). Then, in global indices,
     :math:`A_{rc} \leftarrow N_{rc}` for :math:`r \le c` and :math:`A_{cr} \leftarrow N_{rc}` for
@@ -70,8 +71,8 @@ def _kron_factor_kernel(
     layer = tl.load(tiles_ptr + pid * 3)
     ti = tl.load(tiles_ptr + pid * 3 + 1)
     tj = tl.load(tiles_ptr + pid * 3 + 2)
-    d = tl.load(dims_ptr + layer * 3)
-    m = tl.load(dims_ptr + layer * 3 + 1)
+    d = tl.load(dims_ptr + layer * 2)
+    m = tl.load(dims_ptr + layer * 2 + 1)
     ok = tl.load(oks_ptr + layer) != 0
 
     acc_ty = beta_ptr.dtype.element_ty  # A's dtype: float32 or float64
@@ -101,9 +102,10 @@ def _kron_factor_kernel(
         acc = tl.dot(tl.trans(xr), xc, acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
 
     beta = tl.where(ok, tl.load(beta_ptr), 0.0)  # a skipped layer may have a non-finite beta: keep it quiet
-    # a run-time divisor, not a constexpr flag: compiled for sm_90, float32 "ieee" without the division
-    # spilled (its epilogue scheduled differently) while this form has no spills on triton 3.6 and 3.9
-    scale = (1.0 - beta) / tl.load(dims_ptr + layer * 3 + 2).to(acc_ty)
+    # a multiplication by a per-layer factor from the host, not a division: a float64 division compiles to
+    # a subroutine that spilled a few bytes on triton 3.6 (sm_90); and a table, not a constexpr flag, so
+    # normalising or not is one compiled kernel
+    scale = (1.0 - beta) * tl.load(inv_ptr + layer)
     mask = rmask[:, None] & cmask[None, :]
     up = a_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :]  # element (r, c): A[r, c]
     new = beta * tl.load(up, mask=mask, other=0.0) + scale * acc
@@ -119,7 +121,8 @@ def _kron_factor_kernel(
 # results in bench/results/): fp32 with TF32 and bf16/fp16 X lower tl.dot to wgmma, fp64 to mma.sync, fp32
 # "ieee" to FMAs; BLOCK 128 / 8 warps uses 255 registers and spills (232-336 bytes on triton 3.9, 448-696
 # on 3.6: the epilogue keeps the A tile, the accumulator and 64-bit addresses live together), so float32
-# uses BLOCK 64 / 4 warps only (no spills on either version). float64 keeps 64 (no spills) and 32 for
+# uses BLOCK 64 / 4 warps only: 3 stages with TF32 (194-213 registers), 2 stages for "ieee" (212; with
+# 3 stages it sits at 255 and spills 28 bytes). float64 keeps 64 (no spills) and 32 for
 # layers too small to give every SM a tile: the largest BLOCK that still gives at least one tile per SM is
 # used, else the smallest.
 # Under the CPU interpreter the cost grows with (#programs x loop iterations), so blocks are large there
@@ -129,11 +132,12 @@ _LOW = (torch.bfloat16, torch.float16)
 _LOW_CFG = {64: (64, 4, 3)}
 # (A dtype, X dtype) -> {BLOCK: (BLOCK_K, num_warps, num_stages)}, largest BLOCK first
 _GPU_CONFIGS: dict[tuple[torch.dtype, torch.dtype], dict[int, tuple[int, int, int]]] = {
-    (torch.float32, torch.float32): {64: (32, 4, 3)},
+    (torch.float32, torch.float32): {64: (32, 4, 2)},  # "ieee" (FMA) dots; TF32: _TF32_CONFIG
     (torch.float32, torch.bfloat16): _LOW_CFG,
     (torch.float32, torch.float16): _LOW_CFG,
     (torch.float64, torch.float64): {64: (32, 4, 2), 32: (32, 4, 3)},
 }
+_TF32_CONFIG = {64: (32, 4, 3)}  # float32 A and X with torch.backends.cuda.matmul.allow_tf32 (wgmma)
 _INTERPRET_CONFIG = (64, 64, 1, 1)  # (BLOCK, BLOCK_K, num_warps, num_stages)
 
 
@@ -153,17 +157,17 @@ def _plan(
     x_dtype: torch.dtype,
     interpret: bool,
     normalize: bool = True,
-) -> tuple[Tensor, Tensor, tuple[int, int, int, int]]:
-    """Cached per shapes, device and ``normalize``: the tile table, the ``(d, m, divisor)`` table and the
-    launch configuration.
+    tf32: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int, int]]:
+    """Cached per shapes, device, dtypes and ``normalize``: the tile table, the ``(d, m)`` table, the
+    per-layer factor ``1/m`` (``normalize``) or 1 in A's dtype, and the launch configuration.
 
-    ``tiles`` is int32 ``(T, 3)`` with rows ``(layer, ti, tj)``, ``ti <= tj``; ``dm`` is int32 ``(L, 3)``
-    with the divisor ``m`` (``normalize``) or 1.
+    ``tiles`` is int32 ``(T, 3)`` with rows ``(layer, ti, tj)``, ``ti <= tj``; ``dm`` is int32 ``(L, 2)``.
     """
     if interpret:
         cfg = _INTERPRET_CONFIG
     else:
-        table = _GPU_CONFIGS[(a_dtype, x_dtype)]
+        table = _TF32_CONFIG if tf32 else _GPU_CONFIGS[(a_dtype, x_dtype)]
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         block = next((b for b in table if _n_tiles(dims, b) >= n_sm), min(table))
         cfg = (block, *table[block])
@@ -173,8 +177,9 @@ def _plan(
         nt = triton.cdiv(d, block)
         tiles.extend((layer, ti, tj) for ti in range(nt) for tj in range(ti, nt))
     t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(device)
-    dm = torch.tensor([(d, m, m if normalize else 1) for d, m in dims], dtype=torch.int32).reshape(-1, 3).to(device)
-    return t, dm, cfg
+    dm = torch.tensor(dims, dtype=torch.int32).reshape(-1, 2).to(device)
+    inv = torch.tensor([1.0 / m if normalize else 1.0 for _, m in dims], dtype=a_dtype).to(device)
+    return t, dm, inv, cfg
 
 
 @functools.lru_cache(maxsize=64)
@@ -231,14 +236,15 @@ def kron_factor_update(
     beta = beta.to(device=dev, dtype=A0.dtype)
     oks = oks.to(dev)
     dims = tuple((A.shape[0], X.shape[0]) for A, X in zip(As, Xs))
-    tiles, dm, (block, block_k, num_warps, num_stages) = _plan(dims, dev, A0.dtype, X0.dtype, interpret, bool(normalize))
-    ptrs = _pointer_table(tuple(A.data_ptr() for A in As) + tuple(X.data_ptr() for X in Xs), dev)
-
     low = X0.dtype in _LOW
     tf32 = A0.dtype == torch.float32 and not low and not interpret and torch.backends.cuda.matmul.allow_tf32
+    plan = _plan(dims, dev, A0.dtype, X0.dtype, interpret, bool(normalize), bool(tf32))
+    tiles, dm, inv, (block, block_k, num_warps, num_stages) = plan
+    ptrs = _pointer_table(tuple(A.data_ptr() for A in As) + tuple(X.data_ptr() for X in Xs), dev)
     _kron_factor_kernel[(tiles.shape[0],)](
         tiles,
         dm,
+        inv,
         ptrs,
         oks,
         beta,

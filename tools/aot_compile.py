@@ -15,8 +15,9 @@ Usage (from the repository root, any Triton 3.6+)::
 
     python tools/aot_compile.py --out bench/results/aot_sm90_triton39.json
 
-Prints a table and writes JSON. Exit status 1 if any variant failed to compile or spills (``--allow-spills``
-keeps 0 for spills).
+Prints a line per variant and writes JSON. Exit status 1 if any variant failed to compile or spills
+(``--allow-spills`` keeps 0 for spills). ``--table A.json B.json`` prints the markdown summary of
+``bench/results/README.md`` (one column group per JSON).
 """
 
 from __future__ import annotations
@@ -216,10 +217,13 @@ def _jsonable(v):
     return str(v)
 
 
-def compile_all(arch: int = 90) -> list[dict]:
+def compile_all(arch: int = 90, only: str | None = None) -> list[dict]:
+    """Compile every captured variant (only those whose ``"<kernel> <scenario>"`` matches ``only``)."""
     target = GPUTarget("cuda", arch, 32)
     rows, seen = [], {}
     for name, args, kwargs, scenario in _capture():
+        if only and not re.search(only, f"{name} {scenario}"):
+            continue
         fn = KERNELS[name]
         src, options, signature, constexprs = _bind(fn, target, args, kwargs)
         consts = {fn.arg_names[p[0]]: _jsonable(v) for p, v in constexprs.items()}
@@ -274,13 +278,62 @@ def _line(r: dict) -> str:
     )
 
 
+def markdown_table(paths: list[Path]) -> str:
+    """One row per kernel, dtype, dot precision and launch shape; registers (min-max over the variants),
+    the largest spill and the lowering of tl.dot, one column group per JSON (Triton version)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+
+    def group(r: dict) -> tuple:
+        c = r["constexprs"]
+        prec = c.get("INPUT_PRECISION", c.get("PRECISION", "-"))
+        if r["kernel"] == "kron_factor" and c.get("BLOCK_K") == 64:
+            prec = "bf16/fp16 X"
+        blocks = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_K", "BM", "BN", "BT") if k in c)
+        return (r["kernel"], r["dtype"], prec, f"{blocks} w{r['num_warps']} s{r['num_stages']}")
+
+    rows: dict[tuple, list] = {}
+    for i, rep in enumerate(reports):
+        for r in rep["variants"]:
+            rows.setdefault(group(r), [[] for _ in reports])[i].append(r)
+    head = "| kernel | dtype | dot | blocks, warps, stages |" + "".join(
+        f" triton {rep['triton']}: variants, registers, max spill (B), dot |" for rep in reports
+    )
+    lines = [head, "|" + "---|" * (4 + len(reports))]
+    for key in sorted(rows):
+        cells = []
+        for rs in rows[key]:
+            ok = [r for r in rs if not r["error"]]
+            if not rs:
+                cells.append(" - |")
+                continue
+            if not ok:
+                cells.append(f" {len(rs)}, compile error |")
+                continue
+            regs = sorted(r["registers"] for r in ok)
+            spill = max(max(r["spill_store_bytes"], r["spill_load_bytes"]) for r in ok)
+            dot = {"wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "fma" for r in ok}
+            err = f" ({len(rs) - len(ok)} failed)" if len(ok) < len(rs) else ""
+            cells.append(f" {len(rs)}{err}, {regs[0]}-{regs[-1]}, {spill}, {'/'.join(sorted(dot))} |")
+        lines.append("| " + " | ".join(key) + " |" + "".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="write the JSON here")
+    p.add_argument("--table", type=Path, nargs="+", help="print a markdown table of these JSONs and exit")
+    p.add_argument("--only", help='compile only the variants whose "<kernel> <scenario>" matches this regex')
+    p.add_argument("--merge", action="store_true", help="with --only and --out: replace the matching rows of --out")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--allow-spills", action="store_true", help="exit 0 even when a variant spills")
     a = p.parse_args(argv)
-    rows = compile_all(a.arch)
+    if a.table:
+        print(markdown_table(a.table))
+        return 0
+    rows = compile_all(a.arch, a.only)
+    if a.merge and a.only and a.out and a.out.exists():  # keep the other rows of an earlier full run
+        old = json.loads(a.out.read_text())["variants"]
+        rows = [r for r in old if not re.search(a.only, f"{r['kernel']} {r['scenario']}")] + rows
     report = {
         "triton": triton.__version__,
         "torch": torch.__version__,
