@@ -1,4 +1,4 @@
-"""The capture's deferred factor update (eager CPU: rows kept, one foreach SYRK when a factor is read) gives
+"""The capture's deferred factor and mean updates (eager CPU: rows kept, one foreach SYRK when a factor is read) gives
 the statistics of the immediate update: one pass, several passes before a read (gradient accumulation), a
 read between passes (beta = n_before / n), a layer called twice per forward, and a reset that drops
 pending rows."""
@@ -38,13 +38,13 @@ def _run(defer: bool, script: str, monkeypatch) -> list[torch.Tensor]:
             x = torch.randn(int(torch.randint(3, 9, (), generator=g)), 5, generator=g, dtype=D64)
             F.mse_loss(model(x), torch.zeros(x.shape[0], 3, dtype=D64)).backward()
         elif op == "r":  # read the factors
-            out += [t.clone() for st in cap.layers for t in (st.A, st.G, st.n_A, st.n_G)]
+            out += [t.clone() for st in cap.layers for t in (st.A, st.G, st.a_mean, st.h_mean, st.g_mean, st.n_A, st.n_G, st.n_a, st.n_g)]
         elif op == "z":
             cap.reset()
         elif op == "g":
             cap.reset("G")
-    out += [t.clone() for st in cap.layers for t in (st.A, st.G, st.n_A, st.n_G)]
-    assert not cap._state.pending
+    out += [t.clone() for st in cap.layers for t in (st.A, st.G, st.a_mean, st.h_mean, st.g_mean, st.n_A, st.n_G, st.n_a, st.n_g)]
+    assert not cap._state.pending and not cap._state.pending_means
     cap.remove()
     return out
 
@@ -64,7 +64,8 @@ def test_rows_are_pending_until_read(monkeypatch):
     cap = Capture(model, dtype=D64)
     F.mse_loss(model(torch.randn(6, 4, dtype=D64)), torch.zeros(6, 2, dtype=D64)).backward()
     assert len(cap._state.pending) == 4  # A and G of both layers, not reduced yet
+    assert len(cap._state.pending_means) == 6  # a_mean, h_mean, g_mean of both layers
     assert int(cap.layers[0].n_A) == 6  # counters are current
     assert float(cap.layers[1].A[-1, -1]) == 1.0  # reading reduces everything (homogeneous coordinate)
-    assert not cap._state.pending
+    assert not cap._state.pending and not cap._state.pending_means
     cap.remove()

@@ -185,13 +185,21 @@ def _stats_update(
     beta: Tensor,
 ) -> None:
     r"""Steps 1-3: :math:`M \leftarrow \rho M + (1-\rho)\hat g`; :math:`A \leftarrow \beta A + (1-\beta) L\,A_b`;
-    :math:`G \leftarrow \beta G + (1-\beta) G_b` (in place; ``A_scale`` = rows per sample :math:`L`)."""
-    for W, b, gW, gb, M, A, G, Ab, Gb, s in zip(Ws, Bs, gWs, gBs, Ms, As, Gs, A_batch, G_batch, A_scale):
-        mom = momentum.to(M.dtype)
-        bt = beta.to(A.dtype)
-        M.mul_(mom).add_(_hom_grad(W, b, gW, gb, weight_decay.to(W.dtype), M.dtype) * (1 - mom))
-        A.mul_(bt).add_(Ab * (s * (1 - bt)))
-        G.mul_(bt).add_(Gb * (1 - bt))
+    :math:`G \leftarrow \beta G + (1-\beta) G_b` (in place; ``A_scale`` = rows per sample :math:`L`).
+
+    Foreach ops over the layers (the same arithmetic, in the same order, as one ``mul_``/``add_`` per tensor:
+    bitwise equal), so the eager update is a few dispatches, not a few per layer."""
+    if not Ms:
+        return
+    mom = momentum.to(Ms[0].dtype)
+    bt = beta.to(As[0].dtype)
+    hg = [_hom_grad(W, b, gW, gb, weight_decay.to(W.dtype), M.dtype) for W, b, gW, gb, M in zip(Ws, Bs, gWs, gBs, Ms)]
+    torch._foreach_mul_(Ms, mom)
+    torch._foreach_add_(Ms, torch._foreach_mul(hg, 1 - mom))
+    torch._foreach_mul_(As, bt)
+    torch._foreach_add_(As, torch._foreach_mul(A_batch, [s * (1 - bt) for s in A_scale]))
+    torch._foreach_mul_(Gs, bt)
+    torch._foreach_add_(Gs, torch._foreach_mul(G_batch, 1 - bt))
 
 
 def _health_flags(tensors: list[Tensor], n_A: list[Tensor], n_G: list[Tensor], state: list[Tensor]) -> Tensor:
@@ -558,13 +566,13 @@ class KFAC(CurvatureOptimizer):
     # -------------------------------------------------------------------------------------------- statistics
     def _batch_stats(self, layers: list[_Layer]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Batch A, G and the KFC row factor L = n_A / n_s of each layer (tensors; no host sync)."""
-        As, Gs, Ls = [], [], []
-        for lay in layers:
-            st = lay.stats
-            As.append(st.A)
-            Gs.append(st.G)
-            Ls.append((st.n_A.to(st.A.dtype) / st.n_s.clamp(min=1).to(st.A.dtype)).reshape(()))
-        return As, Gs, Ls
+        if not layers:
+            return [], [], []
+        sts = [lay.stats for lay in layers]
+        As, Gs = [st.A for st in sts], [st.G for st in sts]
+        dt = As[0].dtype
+        L = torch.cat([st.n_A for st in sts]).to(dt) / torch.cat([st.n_s for st in sts]).clamp(min=1).to(dt)
+        return As, Gs, list(L.unbind())
 
     def _prepare_stats(self, layers: list[_Layer], *, user_backward: bool = False) -> None:
         """Make the captured batch statistics final: divide out a GradScaler's scale (:math:`G` was built
