@@ -58,11 +58,11 @@ def finite_flag(tensors: Iterable[Tensor | None], device: torch.device | None = 
     One ``torch._foreach_norm(ord=inf)`` (max-abs, which propagates NaN and inf; a multi-tensor kernel on
     CUDA) per dtype and device, then one ``isfinite`` of the maxima, instead of ``isfinite(t).all()`` per
     tensor (two kernels and a dispatch each). The inf-norm cannot overflow on finite input (a 2-norm can).
-    None, empty and non-floating-point tensors are skipped (always finite); with none left the result is
+    None, empty, integer and bool tensors are skipped (always finite); with none left the result is
     True on ``device``."""
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
-        if t is not None and t.is_floating_point() and t.numel() > 0:
+        if t is not None and (t.is_floating_point() or t.is_complex()) and t.numel() > 0:
             groups.setdefault((t.dtype, t.device), []).append(t)
     flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf)).amax()) for ts in groups.values()]
     if not flags:

@@ -118,7 +118,10 @@ loss enters the compiled check with shape (1,) (a 0-d float input gets a NaN gua
 recompile). tests/optim/test_kfac.py pins each (compiled == eager, constant graph count, NaN step).
 
 Defaults (K-BFGS code's KFAC baseline, Demo.ipynb's tuned MNIST values): ``lr=1``, ``damping=3``,
-``momentum=0.9``, ``weight_decay=1e-5``, ``stat_decay=0.9``, ``inv_every=20``. Everything that is not
+``momentum=0.9``, ``weight_decay=1e-5``, ``stat_decay=0.9``, ``inv_every=20``, and the blow-up guard
+(``blowup_factor=2``). With the empirical Fisher these values diverge on the generated CURVES at step ~28
+without the guard (loss 2·10⁵, then 7·10²⁷); with it the blow-ups are rejected and the damping rises (20,000 images, batch 1000,
+seed 0: 3 → 115 over 9 rejections by step 45, then none; loss 177 at step 88) and training continues. Everything that is not
 preconditioned (norms, embeddings, grouped convolutions, layers whose weights are used without calling
 their ``forward``) goes to the base class's fallback rule; :meth:`describe` lists what went where.
 """
