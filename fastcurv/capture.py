@@ -40,7 +40,7 @@ Factors go through :func:`fastcurv.ops.kron_factor_update_` (SYRK, one opaque op
 exactly the running mean :math:`A \leftarrow (nA + X^\top X)/(n+m)`. In eager mode on the CPU the factor
 rows of ``nn.Linear`` layers are not reduced at once: they are kept (the padded/scaled copy that is made
 anyway) and reduced when a factor is first read (``stats.A``/``stats.G``), all layers' pending rows in
-**one** :func:`fastcurv.ops.kron_factor_update_foreach_` call (rows of several calls of one layer are
+**one** :func:`fastcurv.ops.kron_factor_update_foreach_` call per rows dtype (rows of several calls of one layer are
 concatenated, exact for the running mean), saving one op dispatch per layer and pass; the means' row sums
 are likewise folded in by one foreach division. Counters are updated at once. On CUDA, under ``torch.compile``, and for ``Conv2d`` (large patch matrices) the update runs in the
 call. Means use
@@ -298,18 +298,18 @@ class _State:
                 mu.mul_(float(before)).add_(rs).div_(float(n_now))
         if fresh_mu:
             torch._foreach_copy_(fresh_mu, torch._foreach_div(fresh_rs, fresh_m))
-        fresh_F: list[Tensor] = []
-        fresh_X: list[Tensor] = []
+        fresh: dict[tuple[torch.dtype, torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
         for (F_, _, xs), n_now in zip(entries, totals):
             X = xs[0] if len(xs) == 1 else torch.cat([x.to(xs[0].dtype) for x in xs])
             before = n_now - X.shape[0]
-            if before == 0:
-                fresh_F.append(F_)
-                fresh_X.append(X)
+            if before == 0:  # the op takes one dtype for all factors and one for all rows: group by them
+                group = fresh.setdefault((F_.dtype, X.dtype, X.device), ([], []))
+                group[0].append(F_)
+                group[1].append(X)
             else:
                 ops.kron_factor_update_(F_, X, before / n_now)
-        if fresh_F:
-            ops.kron_factor_update_foreach_(fresh_F, fresh_X, 0.0)
+        for Fs, Xs in fresh.values():
+            ops.kron_factor_update_foreach_(Fs, Xs, 0.0)
 
 
 #: devices on which factor rows are deferred to one foreach update per flush (eager mode); on CUDA the

@@ -71,7 +71,8 @@ Choices and deviations (all documented here; none changes the default float64 it
 
 Blow-up guard (``blowup_factor`` :math:`c`, default 1.5; None turns it off), after Martens' Levenberg–Marquardt
 rule (Martens 2010 §4.1): step 4 already evaluates the loss at :math:`\theta_{k+1}` on the same minibatch, so
-the guard costs nothing. If :math:`L(\theta_{k+1}) > c\,L(\theta_k)` the step is **rejected** exactly like a
+the guard costs nothing. If :math:`L(\theta_{k+1}) - L(\theta_k) > (c-1)\,|L(\theta_k)|` (for a nonnegative
+loss: :math:`L(\theta_{k+1}) > c\,L(\theta_k)`) the step is **rejected** exactly like a
 non-finite one — parameters restored, no state written (phase 1 is functional and phase 2 has not run), so
 everything is bitwise unchanged — and the damping is raised, :math:`\lambda \leftarrow \min(\frac32\lambda,
 1)` (``LM_BOOST``, Martens' factor; ``MAX_DAMPING`` = 1 because :math:`\mu_2 = \sqrt\lambda > 1` breaks the
@@ -700,9 +701,14 @@ class _KBFGSBase(CurvatureOptimizer):
                 finite_flag([v.reshape(1) for v in group.values() if isinstance(v, Tensor)], loss2.device),
                 torch.stack([L.stats.n_A.reshape(()) > 0 for L in layers]).any(),
             ]
-            # Levenberg-Marquardt guard: the step is kept iff the loss at theta_{k+1} is at most blowup_factor
-            # times the loss at theta_k (same minibatch); flag True = kept (NaN compares False: caught above)
-            keep = ~(loss2 > loss * self.blowup_factor) if self.blowup_factor is not None else torch.ones_like(ok1)
+            # Levenberg-Marquardt guard: the step is kept unless the loss at theta_{k+1} exceeds the loss at
+            # theta_k (same minibatch) by more than (blowup_factor - 1) |loss|; flag True = kept (NaN compares
+            # False: caught above)
+            keep = (
+                ~(loss2 - loss > (self.blowup_factor - 1) * loss.abs())
+                if self.blowup_factor is not None
+                else torch.ones_like(ok1)
+            )
             flags = self._consensus(torch.stack(checks + [keep])).tolist()
         blown = not flags.pop()
         if not flags[-1]:

@@ -46,9 +46,10 @@ whose loss is non-finite. K-FAC evaluates the loss once per step, at the point t
 on a new minibatch; so step :math:`k+1`'s loss :math:`L_{k+1} = L(\theta_k)` judges step :math:`k`. With
 :math:`\bar L` the exponential average (decay 0.9) of the losses of accepted steps (the first one sets it):
 
-* :math:`L_{k+1} \le c\,\bar L` (or either is NaN: the non-finite rule decides): step :math:`k` is accepted,
-  :math:`L_{k+1}` enters :math:`\bar L`, step :math:`k+1` runs;
-* :math:`L_{k+1} > c\,\bar L`: step :math:`k` is **undone** — parameters, momentum, factors, fallback state
+* :math:`L_{k+1} - \bar L \le (c-1)\,|\bar L|` (for a nonnegative loss: :math:`L_{k+1} \le c\,\bar L`; or
+  either is NaN: the non-finite rule decides): step :math:`k` is accepted, :math:`L_{k+1}` enters
+  :math:`\bar L`, step :math:`k+1` runs;
+* otherwise step :math:`k` is **undone** — parameters, momentum, factors, fallback state
   and the step counters are restored bitwise from copies kept when step :math:`k` began — the damping is
   raised, :math:`\lambda \leftarrow \frac32\lambda` (``KFAC.LM_BOOST``, Martens' factor; it is written into
   ``param_groups[0]["damping"]`` and never lowered automatically), every inverse is refreshed with the new
@@ -829,10 +830,11 @@ class KFAC(CurvatureOptimizer):
     LOSS_REF_DECAY = 0.9
 
     def _guard_keep(self, loss: Tensor | None) -> Tensor:
-        """Shape-(1,) bool, True unless ``loss`` > ``blowup_factor`` x the reference (no host sync)."""
+        """Shape-(1,) bool, True unless ``loss`` - ref > (``blowup_factor`` - 1) |ref| (no host sync)."""
         if loss is None or self.blowup_factor is None:
             return torch.ones(1, dtype=torch.bool, device=self._loss_ref.device)
-        return ~(loss.reshape(1).to(self._loss_ref.dtype) > self._loss_ref * self.blowup_factor)
+        ref = self._loss_ref
+        return ~(loss.reshape(1).to(ref.dtype) - ref > (self.blowup_factor - 1) * ref.abs())
 
     def _guard_accept(self, loss: Tensor) -> None:
         """Fold an accepted step's loss into the reference (the first one sets it)."""
