@@ -8,10 +8,10 @@ profiled steps are steady-state steps without an inverse refresh), then ``PROFIL
 (``with_stack=True``) and reported per step; KFAC's inverse refresh is timed on its own and reported at its
 amortised rate (÷ ``inv_every``).
 
-Every outermost ATen / custom op of the profile (descending through autograd-engine and other wrapper
-events) is put in one *source* — ``capture`` (issued from :mod:`fastcurv.capture`, including its backward
-tap), ``backward`` (the autograd engine, model backward), ``forward`` (the rest of the closure),
-``update`` (the optimizer's own code) — and one *kind*:
+Every outermost ATen / custom op of the profile (descending through autograd-engine, Python-frame and
+other wrapper events) is put in one *source* — ``capture`` (:mod:`fastcurv.capture`, including its backward
+tap), ``backward`` (the autograd engine), ``forward`` (the model and its loss), ``update`` (the optimizer's
+own code) — by the innermost enclosing frame, and one *kind*:
 
 ========================  =================================================================================
 kind                      ops
@@ -95,53 +95,49 @@ def _is_op(name: str) -> bool:
     return name.startswith(("aten::", "fastcurv::", "prims::"))
 
 
-def source_of(ev: Any, in_backward: bool) -> str:
-    stack = " ".join(ev.stack or ())
-    if "fastcurv/capture.py" in stack or "_GTap" in stack:
+def _source_of_frame(name: str) -> str | None:
+    """The source a Python-frame event (``with_stack``: ``path(line): function``) sets for the ops under it."""
+    if "fastcurv/capture.py" in name:
         return "capture"
-    if in_backward:
-        return "backward"
-    if "fastcurv/optim/" in stack or "torch/optim/" in stack or "fastcurv/hvp.py" in stack:
+    if "torch/nn/modules/" in name or "torch/nn/functional.py" in name or "fastcurv/data.py" in name:
+        return "forward"  # the model (and its loss) called from inside an optimizer's step
+    if "fastcurv/optim/" in name or "torch/optim/" in name or "fastcurv/hvp.py" in name or "complex_step" in name:
         return "update"
-    return "forward"
+    return None
 
 
 def breakdown(prof: Any, n_steps: int) -> tuple[dict[tuple[str, str], float], int, float]:
-    """(source, kind) -> ms per step, number of outermost ops per step, ms per step inside outermost ops."""
+    """(source, kind) -> ms per step, number of outermost ops per step, ms per step inside outermost ops.
+
+    The source of an op is set by the innermost enclosing Python frame: fastcurv's capture, the model or
+    its loss (``torch.nn``, ``fastcurv.data``: forward), fastcurv's optimizers or ``torch.optim`` (update);
+    ops under the autograd engine are ``backward`` unless inside the capture's tap; else ``forward``. NewtonCG's
+    curvature products (complex-step forward/backward through ``fastcurv.hvp``) count as update unless a
+    ``torch.nn`` frame is closer."""
     table: dict[tuple[str, str], float] = defaultdict(float)
     count = 0
     inside = 0.0
 
-    def walk(ev: Any, in_backward: bool) -> None:
+    def walk(ev: Any, src: str) -> None:
         nonlocal count, inside
         name = ev.name
         if _is_op(name):
-            src = "capture" if "_GTap" in name else source_of(ev, in_backward)
             table[(src, kind_of(name))] += ev.cpu_time_total / 1e3
             count += 1
             inside += ev.cpu_time_total / 1e3
             return
-        bw = in_backward or name.startswith("autograd::engine") or "Backward" in name
-        if "_GTap" in name:  # the capture tap's backward: everything under it is capture
-            for c in ev.cpu_children:
-                sub_table_walk(c)
-            return
+        if "_GTap" in name:
+            src = "capture"
+        elif name.startswith("autograd::engine") and src != "capture":
+            src = "backward"
+        else:
+            src = _source_of_frame(name) or src
         for c in ev.cpu_children:
-            walk(c, bw)
-
-    def sub_table_walk(ev: Any) -> None:
-        nonlocal count, inside
-        if _is_op(ev.name):
-            table[("capture", kind_of(ev.name))] += ev.cpu_time_total / 1e3
-            count += 1
-            inside += ev.cpu_time_total / 1e3
-            return
-        for c in ev.cpu_children:
-            sub_table_walk(c)
+            walk(c, src)
 
     for ev in prof.events():
         if ev.cpu_parent is None:
-            walk(ev, False)
+            walk(ev, "forward")
     return {k: v / n_steps for k, v in table.items()}, count // n_steps, inside / n_steps
 
 
