@@ -65,7 +65,7 @@ SOURCES = ("forward", "backward", "capture", "update")
 
 _GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::addmv",
          "aten::mv", "aten::dot", "aten::_addmm_activation"}
-_FINITE = {"aten::isfinite", "aten::all", "aten::any"}
+_FINITE = {"aten::isfinite", "aten::all", "aten::any", "aten::_foreach_norm"}
 _SYNC = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
 _ALLOC = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::zeros", "aten::zeros_like", "aten::ones",
           "aten::ones_like", "aten::full", "aten::full_like", "aten::eye", "aten::new_empty", "aten::new_zeros"}

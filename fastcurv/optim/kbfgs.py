@@ -81,7 +81,8 @@ damped :math:`H_g` pair, see :func:`fastcurv.ops.damped_pair`). Once the damping
 as a Tikhonov term of an explicit inverse, as in K-FAC), so raising it barely changes the next step, and the
 step size is the remaining trust-region knob. Both are written into ``param_groups[0]`` (a scheduler that sets
 them each step overrides this) and never lowered automatically; ``counters()["rejected_steps"]`` counts the
-rejections. Deviation from Martens: no reduction ratio :math:`\rho` against a quadratic model, no
+rejections. Under data parallelism the guard is off (the ranks' local losses differ; agreeing on a global
+one would cost an all-reduce per step). Deviation from Martens: no reduction ratio :math:`\rho` against a quadratic model, no
 automatic lowering; :math:`c = 1.5` because on the generated CURVES the paper's settings diverge through
 same-minibatch jumps of 2× and more (169.9 → 348.7 → ... → NaN within six steps), while steps that recover
 stay below 1.5×. With the default guard the paper's defaults are kept: they no longer diverge on CURVES.
@@ -706,7 +707,7 @@ class _KBFGSBase(CurvatureOptimizer):
             # False: caught above)
             keep = (
                 ~(loss2 - loss > (self.blowup_factor - 1) * loss.abs())
-                if self.blowup_factor is not None
+                if self.blowup_factor is not None and self._comm is None  # off under data parallelism
                 else torch.ones_like(ok1)
             )
             flags = self._consensus(torch.stack(checks + [keep])).tolist()

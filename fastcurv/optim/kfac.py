@@ -55,7 +55,8 @@ on a new minibatch; so step :math:`k+1`'s loss :math:`L_{k+1} = L(\theta_k)` jud
   ``param_groups[0]["damping"]`` and never lowered automatically), every inverse is refreshed with the new
   :math:`\lambda` (the inverses are the only state not restored: they are a function of the restored
   factors and of :math:`\lambda`), step :math:`k+1` is not applied, and ``counters()["rejected_steps"]``
-  counts it. The next step starts again from :math:`\theta_{k-1}`. A step can only be undone by the one
+  counts it. The next step starts again from :math:`\theta_{k-1}`. Under data parallelism the guard is off (each
+rank sees only its local loss; agreeing on a global one would cost an all-reduce per step). A step can only be undone by the one
   right after it (not after a rejection, a skipped step, a checkpoint load or in the plain loop, which has
   no loss).
 
@@ -419,6 +420,7 @@ class KFAC(CurvatureOptimizer):
         self.factor_dtype = factor_dtype
         self._kl = kl_clip is not None
         self.blowup_factor = None if blowup_factor is None else float(blowup_factor)
+        self._guard_on = self.blowup_factor is not None
         self._eigen = inverse == "eigh"
         ref = params[0]
         self._gen = torch.Generator(device=ref.device)
@@ -454,6 +456,7 @@ class KFAC(CurvatureOptimizer):
         self._stats_fn = maybe_compile(_stats_update, self.compile_enabled)
         self._apply_fn = maybe_compile(_make_apply(self._eigen, self._kl), self.compile_enabled)
         self._zero = torch.zeros((), dtype=g["lr"].dtype, device=ref.device)
+        self._guard_on = self._guard_on and self._comm is None  # local losses differ between ranks
         # Levenberg-Marquardt guard (see _guard_check): EMA of accepted losses (NaN: none yet), and the
         # targets/copies of everything the last applied step wrote except the inverses
         self._loss_ref = torch.full((1,), float("nan"), dtype=g["lr"].dtype, device=ref.device)
@@ -832,7 +835,7 @@ class KFAC(CurvatureOptimizer):
 
     def _guard_keep(self, loss: Tensor | None) -> Tensor:
         """Shape-(1,) bool, True unless ``loss`` - ref > (``blowup_factor`` - 1) |ref| (no host sync)."""
-        if loss is None or self.blowup_factor is None:
+        if loss is None or not self._guard_on:
             return torch.ones(1, dtype=torch.bool, device=self._loss_ref.device)
         ref = self._loss_ref
         return ~(loss.reshape(1).to(ref.dtype) - ref > (self.blowup_factor - 1) * ref.abs())
@@ -905,7 +908,7 @@ class KFAC(CurvatureOptimizer):
             self._cap.reset()
             self._reject()
             return loss, False
-        if loss is not None and self.blowup_factor is not None:
+        if loss is not None and self._guard_on:
             self._guard_accept(loss)
         bad_factors = [layers[i] for i in bad_factors]  # state corrupted from outside: repaired, step goes on
         bad_other = [layers[i] for i in bad_other]
@@ -920,7 +923,7 @@ class KFAC(CurvatureOptimizer):
                 torch._foreach_zero_(self._state_tensors(lay)[2:])
         g = self.param_groups[0]
         self._undo_ok = False
-        if loss is not None and self.blowup_factor is not None:
+        if loss is not None and self._guard_on:
             self._keep_undo(layers)
         if layers:
             beta = g["stat_decay"] if self._counters["factor_updates"] > 0 else self._zero
