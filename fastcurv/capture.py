@@ -37,7 +37,13 @@ statistics of the concatenated rows. Buffers are kept on ``ctx`` attributes, not
 
 Factors go through :func:`fastcurv.ops.kron_factor_update_` (SYRK, one opaque op under compile): after
 :math:`n` rows, a call with :math:`m` rows :math:`X` runs it with :math:`\beta = n/(n+m)`, which is
-exactly the running mean :math:`A \leftarrow (nA + X^\top X)/(n+m)`. Means use
+exactly the running mean :math:`A \leftarrow (nA + X^\top X)/(n+m)`. In eager mode on the CPU the factor
+rows of ``nn.Linear`` layers are not reduced at once: they are kept (the padded/scaled copy that is made
+anyway) and reduced when a factor is first read (``stats.A``/``stats.G``), all layers' pending rows in
+**one** :func:`fastcurv.ops.kron_factor_update_foreach_` call per rows dtype (rows of several calls of one layer are
+concatenated, exact for the running mean), saving one op dispatch per layer and pass; the means' row sums
+are likewise folded in by one foreach division. Counters are updated at once. On CUDA, under ``torch.compile``, and for ``Conv2d`` (large patch matrices) the update runs in the
+call. Means use
 ``mean.mul_(n).add_(Σrows).div_(n+m)``. Counters are int64 tensors of shape ``(1,)``.
 
 Inductor pitfalls avoided (CAPTURE.md; regression tests in tests/test_capture.py): no ``add(..., alpha=)``
@@ -231,11 +237,15 @@ class _GTap(torch.autograd.Function):
         if do_G:
             rows = _rows_dtype(_out_rows(g, conv), G.dtype, scaled=True) * c
             if rows.shape[0] > 0:
-                _factor_update_(G, n_G, rows)
+                state = getattr(G, "_fastcurv_state", None)
+                if state is None:
+                    _factor_update_(G, n_G, rows)
+                else:
+                    _factor_rows_(state, G, n_G, rows, not conv)
         if do_g:
             m = g.numel() // g_mean.shape[0]
             if m > 0:
-                _mean_update_(g_mean, n_g, _out_rowsum(g, conv, g_mean.dtype) * c, m)
+                _mean_rows_(getattr(G, "_fastcurv_state", None), g_mean, n_g, _out_rowsum(g, conv, g_mean.dtype) * c, m)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -248,6 +258,94 @@ class _State:
     def __init__(self, stats: frozenset[str], grad_scale: float | None) -> None:
         self.flags: tuple[bool, ...] = tuple(s in stats for s in STATS)
         self.grad_scale = grad_scale
+        #: (factor, counter, rows) not yet reduced, in call order (eager ``nn.Linear`` only; see flush)
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        #: (mean, counter, row sum, rows) not yet folded in (same rule)
+        self.pending_means: list[tuple[Tensor, Tensor, Tensor, int]] = []
+
+    def flush(self) -> None:
+        """Reduce every pending factor update: the rows of each factor since the last flush (concatenated
+        if there were several calls), with beta = n_before / n (exact running mean). The factors whose
+        beta is 0 (the usual case: first accumulation after a reset) go through one foreach call; any other
+        gets its own call. The counters are read on the host: pending rows exist only for CPU tensors, where
+        that read costs no device synchronisation."""
+        pend, self.pending = self.pending, []
+        pend_m, self.pending_means = self.pending_means, []
+        rows: dict[int, tuple[Tensor, Tensor, list[Tensor]]] = {}
+        for F_, n, X in pend:
+            rows.setdefault(id(F_), (F_, n, []))[2].append(X)
+        entries = list(rows.values())
+        sums: dict[int, tuple[Tensor, Tensor, list[Tensor], list[int]]] = {}
+        for mu, n, rs, m in pend_m:
+            e = sums.setdefault(id(mu), (mu, n, [], []))
+            e[2].append(rs)
+            e[3].append(m)
+        mean_entries = list(sums.values())
+        counters = [n for _, n, _ in entries] + [n for _, n, _, _ in mean_entries]
+        if not counters:
+            return
+        read = torch.cat(counters).tolist()
+        totals, mean_totals = read[: len(entries)], read[len(entries) :]
+        fresh_mu: list[Tensor] = []
+        fresh_rs: list[Tensor] = []
+        fresh_m: list[float] = []
+        for (mu, _, rss, ms), n_now in zip(mean_entries, mean_totals):
+            rs = rss[0] if len(rss) == 1 else torch.stack(rss).sum(0)
+            before = n_now - sum(ms)
+            if before == 0:  # 0 * mean + rowsum, divided: the immediate update's arithmetic, bitwise
+                fresh_mu.append(mu)
+                fresh_rs.append(rs)
+                fresh_m.append(float(n_now))
+            else:
+                mu.mul_(float(before)).add_(rs).div_(float(n_now))
+        if fresh_mu:
+            torch._foreach_copy_(fresh_mu, torch._foreach_div(fresh_rs, fresh_m))
+        fresh: dict[tuple[torch.dtype, torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
+        for (F_, _, xs), n_now in zip(entries, totals):
+            X = xs[0] if len(xs) == 1 else torch.cat([x.to(xs[0].dtype) for x in xs])
+            before = n_now - X.shape[0]
+            if before == 0:  # the op takes one dtype for all factors and one for all rows: group by them
+                group = fresh.setdefault((F_.dtype, X.dtype, X.device), ([], []))
+                group[0].append(F_)
+                group[1].append(X)
+            else:
+                ops.kron_factor_update_(F_, X, before / n_now)
+        for Fs, Xs in fresh.values():
+            ops.kron_factor_update_foreach_(Fs, Xs, 0.0)
+
+
+#: devices on which factor rows are deferred to one foreach update per flush (eager mode); on CUDA the
+#: flush's counter read would be a device synchronisation, and a captured or compiled step has no dispatch
+#: overhead to save
+_DEFER_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def _deferrable(rows: Tensor) -> bool:
+    """Eager, plain tensors on a :data:`_DEFER_DEVICES` device only (never while dynamo/AOT trace: fake or
+    functional tensors)."""
+    return type(rows) is torch.Tensor and rows.device.type in _DEFER_DEVICES and not torch.compiler.is_compiling()
+
+
+def _mean_rows_(state: _State | None, mean: Tensor, n: Tensor, rowsum: Tensor, m: int) -> None:
+    """:func:`_mean_update_`, deferred to :meth:`_State.flush` when possible (``state`` given, eager CPU)."""
+    if state is not None and _deferrable(rowsum):
+        state.pending_means.append((mean, n, rowsum, m))
+        n.add_(m)
+        return
+    if state is not None and (state.pending or state.pending_means):
+        state.flush()
+    _mean_update_(mean, n, rowsum, m)
+
+
+def _factor_rows_(state: _State, F_: Tensor, n: Tensor, rows: Tensor, defer: bool) -> None:
+    """Accumulate ``rows`` into the factor ``F_``: deferred to :meth:`_State.flush` when possible."""
+    if defer and _deferrable(rows):
+        state.pending.append((F_, n, rows))
+        n.add_(rows.shape[0])
+        return
+    if state.pending or state.pending_means:
+        state.flush()
+    _factor_update_(F_, n, rows)
 
 
 class LayerStats:
@@ -282,17 +380,46 @@ class LayerStats:
 
     def _alloc(self, device: torch.device) -> None:
         kw = dict(dtype=self.dtype, device=device)
-        self.A = torch.zeros(self.d_a, self.d_a, **kw)
-        self.G = torch.zeros(self.d_g, self.d_g, **kw)
-        self.a_mean = torch.zeros(self.d_a, **kw)
-        self.h_mean = torch.zeros(self.d_g, **kw)
-        self.g_mean = torch.zeros(self.d_g, **kw)
+        self._A = torch.zeros(self.d_a, self.d_a, **kw)
+        self._G = torch.zeros(self.d_g, self.d_g, **kw)
+        self._G._fastcurv_state = self._state  # type: ignore[attr-defined]  # for the tap's backward
+        self._a_mean = torch.zeros(self.d_a, **kw)
+        self._h_mean = torch.zeros(self.d_g, **kw)
+        self._g_mean = torch.zeros(self.d_g, **kw)
         for c in ("n_A", "n_a", "n_h", "n_G", "n_g", "n_s"):
             setattr(self, c, torch.zeros(1, dtype=torch.int64, device=device))
 
     @property
     def conv(self) -> bool:
         return self.kind == "conv2d"
+
+    def _flushed(self, t: Tensor) -> Tensor:
+        st = self._state
+        if st.pending or st.pending_means:
+            st.flush()
+        return t
+
+    @property
+    def A(self) -> Tensor:
+        """:math:`A` (reducing any pending rows of every layer first, see the module docstring)."""
+        return self._flushed(self._A)
+
+    @property
+    def G(self) -> Tensor:
+        """:math:`G` (reducing any pending rows of every layer first)."""
+        return self._flushed(self._G)
+
+    @property
+    def a_mean(self) -> Tensor:
+        return self._flushed(self._a_mean)
+
+    @property
+    def h_mean(self) -> Tensor:
+        return self._flushed(self._h_mean)
+
+    @property
+    def g_mean(self) -> Tensor:
+        return self._flushed(self._g_mean)
 
     def tensors(self, names: Iterable[str] = STATS) -> list[Tensor]:
         """The buffers named in ``names`` and their counters (``n_s`` goes with ``"A"``)."""
@@ -328,16 +455,16 @@ class LayerStats:
             rows = _rows_dtype(rows, self.dtype, scaled=False)
             if rows.shape[0] > 0:
                 if fA:
-                    _factor_update_(self.A, self.n_A, rows)
+                    _factor_rows_(self._state, self._A, self.n_A, rows, not conv)
                     self.n_s.add_(_num_samples(xd, conv))
                 if fa:
-                    _mean_update_(self.a_mean, self.n_a, rows.sum(0, dtype=self.dtype), rows.shape[0])
+                    _mean_rows_(self._state, self._a_mean, self.n_a, rows.sum(0, dtype=self.dtype), rows.shape[0])
         if fh:
             m = hd.numel() // self.d_g
             if m > 0:
-                _mean_update_(self.h_mean, self.n_h, _out_rowsum(hd, conv, self.dtype), m)
+                _mean_rows_(self._state, self._h_mean, self.n_h, _out_rowsum(hd, conv, self.dtype), m)
         if fG or fg:
-            h = _GTap.apply(h, self.G, self.g_mean, self.n_G, self.n_g, fG, fg, conv, self._state.grad_scale)
+            h = _GTap.apply(h, self._G, self._g_mean, self.n_G, self.n_g, fG, fg, conv, self._state.grad_scale)
         return h
 
     def __repr__(self) -> str:
@@ -543,9 +670,14 @@ class Capture:
         sel = _stat_set(names) if names else frozenset(STATS)
         ordered = [s for s in STATS if s in sel]
         ts: list[Tensor] = []
+        state = self._state
+        if state.pending or state.pending_means:  # rows not reduced yet: those of the reset statistics go
+            gone = {id(getattr(st, "_" + k)) for st in self.layers for k in sel}
+            state.pending = [e for e in state.pending if id(e[0]) not in gone]
+            state.pending_means = [e for e in state.pending_means if id(e[0]) not in gone]
         for st in self.layers:
             dev = st.module.weight.device
-            if st.A.device != dev:
+            if st._A.device != dev:
                 st._alloc(dev)
             ts += st.tensors(ordered)
         if ts:

@@ -98,7 +98,14 @@ def test_capture_hands_bf16_rows_straight_to_the_factor_op(monkeypatch):
         seen.append((A.dtype, X.dtype, X.shape))
         return orig(A, X, beta)
 
+    orig_foreach = fastcurv.ops.kron_factor_update_foreach_
+
+    def spy_foreach(As, Xs, beta):  # the capture's deferred CPU path: one call for all layers
+        seen.extend((A.dtype, X.dtype, X.shape) for A, X in zip(As, Xs))
+        return orig_foreach(As, Xs, beta)
+
     monkeypatch.setattr(fastcurv.ops, "kron_factor_update_", spy)
+    monkeypatch.setattr(fastcurv.ops, "kron_factor_update_foreach_", spy_foreach)
     _train("kfac", torch.bfloat16, steps=1)
     assert seen and all(a == torch.float32 for a, _, _ in seen)
     bf16 = [s for _, x, s in seen if x == torch.bfloat16]

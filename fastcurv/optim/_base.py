@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from fastcurv.distributed import communicator, is_ddp, no_sync
 
-__all__ = ["CurvatureOptimizer", "Closure", "maybe_compile"]
+__all__ = ["CurvatureOptimizer", "Closure", "maybe_compile", "finite_flag"]
 
 Closure = Callable[[], Tensor]
 
@@ -87,6 +87,24 @@ def maybe_compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
 class Open(float):
     """An excluded bound in :attr:`CurvatureOptimizer.hyperparameters`: ``(Open(0.0), None)`` is
     :math:`(0, \\infty)`, ``(0.0, Open(1.0))`` is :math:`[0, 1)`."""
+
+
+def finite_flag(tensors: Iterable[Tensor | None], device: torch.device | None = None) -> Tensor:
+    """0-d bool tensor, True iff every element of every given tensor is finite; no host sync.
+
+    One ``torch._foreach_norm(ord=inf)`` (max-abs, which propagates NaN and inf; a multi-tensor kernel on
+    CUDA) per dtype and device, then one ``isfinite`` of the maxima, instead of ``isfinite(t).all()`` per
+    tensor (two kernels and a dispatch each). The inf-norm cannot overflow on finite input (a 2-norm can).
+    None, empty, integer and bool tensors are skipped (always finite); with none left the result is
+    True on ``device``."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        if t is not None and (t.is_floating_point() or t.is_complex()) and t.numel() > 0:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf)).amax()) for ts in groups.values()]
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -382,12 +400,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
-        """One host sync: are all the given tensors finite?"""
-        ts = [t for t in tensors if t is not None]
-        if not ts:
-            return True
-        flags = torch.stack([torch.isfinite(t).all() for t in ts])
-        return bool(flags.all())
+        """One host sync: are all the given tensors finite? (:func:`finite_flag`)"""
+        return bool(finite_flag(tensors))
 
     def _skip(self, why: str) -> None:
         self._counters["skipped_steps"] += 1

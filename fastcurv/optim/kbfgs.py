@@ -69,6 +69,24 @@ Choices and deviations (all documented here; none changes the default float64 it
   A *curvature pair* that fails a skip rule is not a skipped step: that one factor update is skipped, as
   in the code (counted per layer, see :meth:`counters`).
 
+Blow-up guard (``blowup_factor`` :math:`c`, default 1.5; None turns it off), after Martens' Levenberg–Marquardt
+rule (Martens 2010 §4.1): step 4 already evaluates the loss at :math:`\theta_{k+1}` on the same minibatch, so
+the guard costs nothing. If :math:`L(\theta_{k+1}) - L(\theta_k) > (c-1)\,|L(\theta_k)|` (for a nonnegative
+loss: :math:`L(\theta_{k+1}) > c\,L(\theta_k)`) the step is **rejected** exactly like a
+non-finite one — parameters restored, no state written (phase 1 is functional and phase 2 has not run), so
+everything is bitwise unchanged — and the damping is raised, :math:`\lambda \leftarrow \min(\frac32\lambda,
+1)` (``LM_BOOST``, Martens' factor; ``MAX_DAMPING`` = 1 because :math:`\mu_2 = \sqrt\lambda > 1` breaks the
+damped :math:`H_g` pair, see :func:`fastcurv.ops.damped_pair`). Once the damping is at 1 a rejection divides
+``lr`` by :math:`\frac32` instead: :math:`\lambda` reaches the direction only through the BFGS recursions (not
+as a Tikhonov term of an explicit inverse, as in K-FAC), so raising it barely changes the next step, and the
+step size is the remaining trust-region knob. Both are written into ``param_groups[0]`` (a scheduler that sets
+them each step overrides this) and never lowered automatically; ``counters()["rejected_steps"]`` counts the
+rejections. Under data parallelism the guard is off (the ranks' local losses differ; agreeing on a global
+one would cost an all-reduce per step). Deviation from Martens: no reduction ratio :math:`\rho` against a quadratic model, no
+automatic lowering; :math:`c = 1.5` because on the generated CURVES the paper's settings diverge through
+same-minibatch jumps of 2× and more (169.9 → 348.7 → ... → NaN within six steps), while steps that recover
+stay below 1.5×. With the default guard the paper's defaults are kept: they no longer diverge on CURVES.
+
 Data parallel (DDP; :mod:`fastcurv.distributed`): the captured :math:`A_B`, :math:`\bar a`, :math:`\bar h`,
 :math:`\bar g` (and :math:`\bar h^+`, :math:`\bar g^+`) are averaged over the ranks (weighted by rows), the
 second pass runs under ``ddp.no_sync()``, and the skip decision is agreed by all ranks; with
@@ -96,7 +114,7 @@ from torch import Tensor, nn
 from fastcurv import ops
 from fastcurv import distributed as fdist
 from fastcurv.capture import Capture, base_type
-from fastcurv.optim._base import Closure, CurvatureOptimizer, Open, maybe_compile
+from fastcurv.optim._base import Closure, CurvatureOptimizer, Open, finite_flag, maybe_compile
 from fastcurv.optim._lbfgs import lbfgs_append, lbfgs_apply, lbfgs_memory
 
 __all__ = ["KBFGS", "KBFGSL", "POWELL_MU", "CURVATURE_TOL"]
@@ -155,8 +173,7 @@ def _phase1(
     writes only the parameters. Returns ``(moms, As, Has, h_means, g_means, ok)``, ``ok`` a 0-d bool:
     every first-pass input and every direction is finite.
     """
-    fin = [torch.isfinite(loss)]
-    fin += [torch.isfinite(g).all() for g in fb_grads]
+    fin: list[Tensor] = [loss.reshape(1), *fb_grads]  # checked together at the end (one reduction)
     new_m: list[Tensor] = []
     new_A: list[Tensor] = []
     new_Ha: list[Tensor] = []
@@ -186,21 +203,13 @@ def _phase1(
         W.add_(step[:, :d_in].reshape(W.shape).to(W.dtype))
         if b is not None:
             b.add_(step[:, d_in].to(b.dtype))
-        fin += [
-            torch.isfinite(G).all(),
-            torch.isfinite(Ab).all(),
-            torch.isfinite(a_means[i]).all(),
-            torch.isfinite(h_means[i]).all(),
-            torch.isfinite(g_means[i]).all(),
-            torch.isfinite(delta).all(),
-            torch.isfinite(A).all(),
-        ]
+        fin += [G, Ab, a_means[i], h_means[i], g_means[i], delta, A]
         new_m.append(M)
         new_A.append(A)
         new_Ha.append(Ha)
         h1.append(h_means[i].clone())
         g1.append(g_means[i].clone())
-    ok = torch.stack(fin).all()
+    ok = finite_flag(fin, loss.device)
     return new_m, new_A, new_Ha, h1, g1, ok
 
 
@@ -367,6 +376,7 @@ class _KBFGSBase(CurvatureOptimizer):
         *,
         stat_decay: float | Tensor = 0.9,
         pair_decay: float | Tensor = 0.9,
+        blowup_factor: float | None = 1.5,
         fallback: str = "sgd",
         fallback_lr: float = 1e-3,
         on_nonfinite: str = "skip",
@@ -392,6 +402,11 @@ class _KBFGSBase(CurvatureOptimizer):
             distributed=distributed,
             process_group=process_group,
         )
+        if blowup_factor is not None and (
+            isinstance(blowup_factor, bool) or not isinstance(blowup_factor, (int, float)) or not blowup_factor > 1
+        ):
+            raise ValueError(f"blowup_factor must be a float > 1 or None (rule off), got {blowup_factor!r}")
+        self.blowup_factor = None if blowup_factor is None else float(blowup_factor)
         chosen, notes = _select_layers(model)
         if not chosen:
             extra = f" ({'; '.join(notes)})" if notes else ""
@@ -415,6 +430,7 @@ class _KBFGSBase(CurvatureOptimizer):
         self._set_preconditioned(mapping)
         self._pass2_inputs = [L.bias if L.bias is not None else L.weight for L in self._layers]
         self._warm = False
+        self._counters["rejected_steps"] = 0
         self._init_state()
         # The first step (which builds H_a = A_LM^{-1}) runs once: it stays eager rather than costing a graph.
         self._p1_first = _phase1
@@ -519,6 +535,22 @@ class _KBFGSBase(CurvatureOptimizer):
         self._warm = bool(extra.get("warm", False))
 
     # ------------------------------------------------------------------ step
+    #: factor by which a rejected step raises the damping (Martens 2010's Levenberg-Marquardt factor 3/2)
+    LM_BOOST = 1.5
+    #: the damping is never raised above this: :math:`\mu_2 = \sqrt\lambda > 1` breaks the damped H_g pair
+    MAX_DAMPING = 1.0
+
+    def _reject(self) -> None:
+        """A blown-up step (see ``blowup_factor``): nothing was committed (phase 1 is functional, phase 2 has
+        not run, the caller restored the parameters); raise the damping and count it."""
+        self._counters["rejected_steps"] += 1
+        g = self.param_groups[0]
+        lam = float(g["damping"])  # a rejected step is rare: one host read is fine here
+        if lam < self.MAX_DAMPING:
+            g["damping"].fill_(min(lam * self.LM_BOOST, self.MAX_DAMPING))
+        else:  # damping at its cap: the step size is the remaining trust-region knob
+            g["lr"].div_(self.LM_BOOST)
+
     def _hg_lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[list[Tensor]]]:
         """(Hgs, lefts, rights, mem) for the phase functions."""
         return [self.state[L.weight]["H_g"] for L in self._layers], [], [], []
@@ -652,12 +684,21 @@ class _KBFGSBase(CurvatureOptimizer):
             checks = [
                 ok1,
                 torch.isfinite(loss2),
-                torch.stack([torch.isfinite(t).all() for t in h2 + g2]).all(),
-                torch.stack([torch.isfinite(t).all() for t in pairs]).all(),
-                torch.stack([torch.isfinite(v).all() for k, v in group.items() if isinstance(v, Tensor)]).all(),
+                finite_flag(h2 + g2, loss2.device),
+                finite_flag(pairs, loss2.device),
+                finite_flag([v.reshape(1) for v in group.values() if isinstance(v, Tensor)], loss2.device),
                 torch.stack([L.stats.n_A.reshape(()) > 0 for L in layers]).any(),
             ]
-            flags = self._consensus(torch.stack(checks)).tolist()
+            # Levenberg-Marquardt guard: the step is kept unless the loss at theta_{k+1} exceeds the loss at
+            # theta_k (same minibatch) by more than (blowup_factor - 1) |loss|; flag True = kept (NaN compares
+            # False: caught above)
+            keep = (
+                ~(loss2 - loss > (self.blowup_factor - 1) * loss.abs())
+                if self.blowup_factor is not None and self._comm is None  # off under data parallelism
+                else torch.ones_like(ok1)
+            )
+            flags = self._consensus(torch.stack(checks + [keep])).tolist()
+        blown = not flags.pop()
         if not flags[-1]:
             self._restore_params()
             raise ValueError(
@@ -676,6 +717,10 @@ class _KBFGSBase(CurvatureOptimizer):
                 "",
             )
             self._skip(", ".join(w for w, f in zip(what, flags) if not f))
+            return loss, False
+        if blown:
+            self._restore_params()
+            self._reject()
             return loss, False
 
         # --- phase 2: curvature pairs and factor updates (in place), then commit phase 1's outputs
@@ -736,6 +781,8 @@ class KBFGS(_KBFGSBase):
         weight_decay: τ, coupled L2 on weights and biases (added to the gradient before the momentum).
         stat_decay: β ∈ [0, 1) of the EMA of :math:`A` (0.9).
         pair_decay: EMA factor ∈ [0, 1) of the :math:`H_g` pair (0.9; the code uses 0 for full-batch training).
+        blowup_factor: :math:`c > 1` of the blow-up guard (default 1.5), or None (off); see the module
+            docstring.
         fallback, fallback_lr, on_nonfinite, compile, distributed, process_group: see
             :class:`~fastcurv.optim._base.CurvatureOptimizer`.
 
