@@ -1,7 +1,7 @@
 """Process-wide test setup for tests/ and bench/: Triton's CPU interpreter and hypothesis profiles.
 
 On a machine without CUDA the Triton kernels run under ``TRITON_INTERPRET=1``, which must be set before
-triton is first imported (ENGINEERING.md §1) — hence the environment is fixed here, at the top of the
+triton is first imported (docs/engineering.md §1) — hence the environment is fixed here, at the top of the
 first conftest pytest imports, before ``fastcurv`` or ``torch._dynamo`` can import triton.
 """
 
@@ -18,7 +18,7 @@ if not HAS_CUDA:
         raise RuntimeError("export TRITON_INTERPRET=1 before triton is imported (run pytest from a fresh process)")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # COMPLEX_STEP.md pitfall 11
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # docs/complex_step.md pitfall 11
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -2,7 +2,7 @@ r"""Benchmarks: fused complex-perturbed linear layer, forward + backward, as use
 
 Workload: ``ops.complex_linear(x, x_im, W, W_im, b, b_im, dual=True)`` with every plane requiring grad, then
 the gradients of all six planes for given output cotangents. Real products actually performed
-(ALGORITHMS.md §3.2): forward 3 (:math:`xW^\top`; :math:`x'W^\top + xW'^\top`), dX/dX' 3
+(docs/algorithms.md §3.2): forward 3 (:math:`xW^\top`; :math:`x'W^\top + xW'^\top`), dX/dX' 3
 (:math:`G_rW + G_iW'`; :math:`G_iW`), dW/dW' 3 (:math:`G_r^\top x + G_i^\top x'`; :math:`G_i^\top x`):
 ``flops = 9 * 2 * batch * d_in * d_out``. Bias reductions are O(batch * d_out) and not counted.
 

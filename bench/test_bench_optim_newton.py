@@ -5,8 +5,8 @@ r"""Benchmarks for the Newton-type optimizers: the cost of one curvature-vector 
    ``torch.autograd.grad``) of the same loss, on an MLP (8 ``nn.Linear`` of width 1024 with tanh, batch 512,
    MSE on CUDA) and a small CNN (3 convolutions + linear head, 32x32, batch 128, cross-entropy on CUDA);
    tiny versions on CPU. ``extra_info["hvp_over_gradient"]`` is the HVP time / gradient time (the
-   target for the complex step on GPU is <= 3, ``target_met``; ALGORITHMS.md §5 counts ~9F of matmul
-   work vs the gradient's 3F per layer, COMPLEX_STEP.md measured x2.3-2.6 on CPU).
+   target for the complex step on GPU is <= 3, ``target_met``; docs/algorithms.md §5 counts ~9F of matmul
+   work vs the gradient's 3F per layer, docs/complex_step.md measured x2.3-2.6 on CPU).
 2. ``test_step_time_vs_adamw``: wall time of one full optimizer step (closure, curvature products, update)
    against ``torch.optim.AdamW`` (``fused=True`` on CUDA, ``foreach=True`` on CPU) on the same model and
    batch. The Krylov methods run a fixed budget of ``CG_ITERS`` CG iterations (``cg_tol=0``; a

@@ -2,7 +2,7 @@ r"""Per-layer curvature statistics captured during forward/backward, in a form t
 
 For every supported layer (``nn.Linear``, ``nn.Conv2d`` with ``groups=1``) :class:`Capture` accumulates, over
 all calls of the current step (until :meth:`Capture.reset`), the statistics K-FAC and K-BFGS need
-(ALGORITHMS.md §1.1-1.2, §1.7). With rows :math:`i = 1..n` pooled over every call of the layer:
+(docs/algorithms.md §1.1-1.2, §1.7). With rows :math:`i = 1..n` pooled over every call of the layer:
 
 * :math:`\bar a_i = [a_i; 1]` when the layer has a bias (homogeneous coordinate; no extra coordinate
   without bias), :math:`d_a = \dim \bar a`;
@@ -25,7 +25,7 @@ gradient in this layout). :math:`A` and :math:`G` are plain means over all N·L 
 block is :math:`L\,(A\otimes G)`; kfac-pytorch stores :math:`A/L` and :math:`L^2 G` (same product). The
 factor L is not applied here: it is ``n_A / n_s`` (rows per sample), left to the optimizer.
 
-Mechanism (CAPTURE.md, "R"). The class of every captured module is swapped to a subclass (parameters,
+Mechanism (docs/capture.md, "R"). The class of every captured module is swapped to a subclass (parameters,
 buffers and ``state_dict`` unchanged; ``type(m)`` changes, ``isinstance(m, nn.Linear)`` still holds) whose
 ``forward``, when ``torch.is_grad_enabled()`` and the output requires grad, accumulates the forward-side
 statistics (:math:`A`, :math:`\bar a`, :math:`\bar h`) and wraps the output in an identity
@@ -33,7 +33,7 @@ statistics (:math:`A`, :math:`\bar a`, :math:`\bar h`) and wraps the output in a
 buffers have fixed sizes (d×d, d), so the batch size may vary; every call *accumulates* (a running mean,
 exact for the concatenation of all rows), so a module called twice per forward (weight sharing) gets the
 statistics of the concatenated rows. Buffers are kept on ``ctx`` attributes, not ``save_for_backward``
-(CAPTURE.md pitfall 5). ``no_grad``/``inference_mode`` forwards never touch statistics.
+(docs/capture.md pitfall 5). ``no_grad``/``inference_mode`` forwards never touch statistics.
 
 Factors go through :func:`fastcurv.ops.kron_factor_update_` (SYRK, one opaque op under compile): after
 :math:`n` rows, a call with :math:`m` rows :math:`X` runs it with :math:`\beta = n/(n+m)`, which is
@@ -46,7 +46,7 @@ are likewise folded in by one foreach division. Counters are updated at once. On
 call. Means use
 ``mean.mul_(n).add_(Σrows).div_(n+m)``. Counters are int64 tensors of shape ``(1,)``.
 
-Inductor pitfalls avoided (CAPTURE.md; regression tests in tests/test_capture.py): no ``add(..., alpha=)``
+Inductor pitfalls avoided (docs/capture.md; regression tests in tests/test_capture.py): no ``add(..., alpha=)``
 (inductor's addmm pattern drops ``alpha``, pitfall 3) and no in-place update of a 0-d float64 tensor in
 compiled code (lost by ``tensorify_python_scalars``, pitfall 4): counters are int64 of shape (1,) and
 the 0-d ``beta`` is a fresh value, never mutated.
@@ -159,7 +159,7 @@ def _mean_update_(mean: Tensor, n: Tensor, rowsum: Tensor, m: int) -> None:
     r"""Running mean of rows given their sum:
     :math:`\mu \leftarrow (n\mu + \sum_i x_i)/(n+m)`, :math:`n \leftarrow n+m`.
 
-    No ``alpha=`` (CAPTURE.md pitfall 3); ``n`` is an int64 counter of shape ``(1,)`` (pitfall 4).
+    No ``alpha=`` (docs/capture.md pitfall 3); ``n`` is an int64 counter of shape ``(1,)`` (pitfall 4).
     """
     mean.mul_(n.to(mean.dtype)).add_(rowsum).div_((n + m).to(mean.dtype))
     n.add_(m)

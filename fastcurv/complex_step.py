@@ -17,7 +17,7 @@ Two arithmetics (how ``h`` enters)
   forward-mode AD carried on real planes — so the imaginary plane is *exactly linear* in ``h``: ``h`` is a
   pure scale, there is no truncation error at any ``h``, and the re plane is the ordinary forward. The
   recommended scale is ``h = 1``: a tiny ``h`` only risks underflow (float32 with a loss scaled by 1e-12
-  loses everything at ``h = 1e-30``, COMPLEX_STEP.md; float16 cannot even store 1e-20).
+  loses everything at ``h = 1e-30``, docs/complex_step.md; float16 cannot even store 1e-20).
 * **exact** (``exact=True`` / :func:`exact_arithmetic`): true complex arithmetic — all four real products
   in linear/conv/matmul/mul, complex ``tanh``/``exp``/``log``/division, complex statistics in the norms,
   softmax with the max shift taken on the real part. The imaginary plane is then
@@ -55,7 +55,7 @@ consumes the RNG as the ordinary forward would; :mod:`fastcurv.hvp` restores bot
 
 Why a subclass with ``__torch_function__`` (not a ``TorchFunctionMode``, not ``__torch_dispatch__``): a mode
 is bypassed under ``torch.compile`` for a parameter read through ``.T`` (its tangent is silently dropped),
-and ops inside ``__torch_dispatch__`` are not recorded by autograd (COMPLEX_STEP.md). ``T``/``mT``/``H``/``mH``
+and ops inside ``__torch_dispatch__`` are not recorded by autograd (docs/complex_step.md). ``T``/``mT``/``H``/``mH``
 are Python properties here (Dynamo fails on ``.T`` of a subclass otherwise); ``H`` is a plain transpose —
 the complex step of a real model never conjugates.
 """

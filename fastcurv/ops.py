@@ -5,7 +5,7 @@ Every op here is the only door to its Triton kernel in :mod:`fastcurv.kernels`; 
 the Triton kernel, CPU tensors the reference, unless ``FASTCURV_BACKEND`` says otherwise.
 
 Each op is a ``torch.library.custom_op`` with a fake implementation, so a function calling it compiles
-with ``torch.compile(fullgraph=True)``: the op stays one opaque node in the graph (ENGINEERING.md §2 shows
+with ``torch.compile(fullgraph=True)``: the op stays one opaque node in the graph (docs/engineering.md §2 shows
 ``triton_op`` failing under the CPU interpreter, so one mechanism serves both devices).
 
 Inputs are validated before anything is written: a wrong shape, dtype or device raises ``ValueError`` /

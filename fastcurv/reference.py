@@ -5,7 +5,7 @@ It imports nothing from triton. :mod:`fastcurv.ops` validates inputs before call
 these functions assume well-formed arguments (shapes, dtypes, devices); the semantics of *values*
 (non-finite inputs, skip rules) are specified here and the kernels must match them.
 
-Notation follows ``ALGORITHMS.md``: a Kronecker factor :math:`A \in \mathbb{R}^{d\times d}` is an EMA of
+Notation follows ``docs/algorithms.md``: a Kronecker factor :math:`A \in \mathbb{R}^{d\times d}` is an EMA of
 :math:`X^\top X / m` for a batch :math:`X \in \mathbb{R}^{m\times d}`; :math:`H` is an inverse-Hessian
 approximation updated by BFGS from a pair :math:`(s, y)`; complex-perturbed matmuls act on real and
 imaginary planes stored as separate real tensors.
@@ -92,7 +92,7 @@ def damped_pair(
     mu1: float | Tensor | None = 0.2,
     mu2: float | Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Double damping (ALGORITHMS.md §1.3) of a curvature pair :math:`(s, y)` given :math:`Hy`.
+    r"""Double damping (docs/algorithms.md §1.3) of a curvature pair :math:`(s, y)` given :math:`Hy`.
 
     Powell's damping on :math:`H` (skipped when ``mu1`` is None):
 
@@ -145,7 +145,7 @@ def damped_bfgs_update_(
 
     1. :math:`(\tilde s, \tilde y)` = :func:`damped_pair` ``(s, y, H y)`` (either damping off when its ``mu`` is
        None).
-    2. BFGS inverse update (ALGORITHMS.md §1.4) with :math:`\rho = 1/\tilde s^\top\tilde y`,
+    2. BFGS inverse update (docs/algorithms.md §1.4) with :math:`\rho = 1/\tilde s^\top\tilde y`,
        :math:`u = H\tilde y`:
 
        .. math:: H^+ = H + (\rho^2\, \tilde y^\top u + \rho)\, \tilde s\tilde s^\top

@@ -314,7 +314,7 @@ def _bfgs_rank2_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launch configuration. ==== CONFIG TABLE (to be tuned on GPU: issue 7) ====
+# Launch configuration. ==== CONFIG TABLE (to be tuned on GPU: bench/gpu_check.sh) ====
 #   BM, BN: GEMV row block x column block;  BV: vector block of the O(n) damping-scalar loops;
 #   BT: rank-2 tile side;  BP: partials block;  *_WARPS: num_warps of each kernel.
 # "cuda": untuned first guess. Compiled offline for sm_90 (no GPU run yet): with 8 warps the GEMV uses

@@ -8,7 +8,7 @@ Complex operands are stored as separate real planes, :math:`A = A_r + iA_i \in \
     C_r = c_{rr} A_r B_r + c_{ii} A_i B_i + b_r, \qquad
     C_i = c_{ir} A_i B_r + c_{ri} A_r B_i + b_i .
 
-Uses (ALGORITHMS.md §3.2, COMPLEX_STEP.md):
+Uses (docs/algorithms.md §3.2, docs/complex_step.md):
 
 * ``(1, -1, 1, 1)`` — the complex product :math:`AB`. The forward of a complex linear layer
   :math:`(X + iX')(W + iW')^\top` is ``A = X + iX'``, ``B = W^\top + iW'^\top`` (a transposed *view*: the

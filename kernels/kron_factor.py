@@ -253,7 +253,7 @@ def kron_factor_update(
         BLOCK=block,
         BLOCK_K=block_k,
         # bf16/fp16 products are exact in fp32, so on GPU the native low-precision dot (fp32 accumulator)
-        # equals the upcast one; the interpreter's bf16 dot is wrong (ENGINEERING.md §1), so upcast there.
+        # equals the upcast one; the interpreter's bf16 dot is wrong (docs/engineering.md §1), so upcast there.
         UPCAST=low and interpret,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
         num_warps=num_warps,

@@ -431,7 +431,7 @@ def test_layer_selection_and_unsupported_params() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# regression tests for the inductor pitfalls the accumulation pattern avoids (CAPTURE.md 3 and 4)
+# regression tests for the inductor pitfalls the accumulation pattern avoids (docs/capture.md 3 and 4)
 # --------------------------------------------------------------------------------------------------------
 def test_accumulation_pattern_under_inductor() -> None:
     """Pitfall 3: ``A.add_(XᵀX, alpha=c)`` after an mm is miscompiled (alpha dropped) — the factor goes

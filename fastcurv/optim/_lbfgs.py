@@ -2,7 +2,7 @@ r"""Compact-form (Byrd–Nocedal–Schnabel) L-BFGS operator with a fixed-size F
 
 The official K-BFGS(L) code (``LBFGS_Hv`` / ``Kron_LBFGS_append_s_y`` in ``kbfgs_utils.py``) applies the
 limited-memory inverse-Hessian approximation through the compact representation, not the two-loop
-recursion (ALGORITHMS.md §1.5). With the :math:`k \le p` stored pairs as rows :math:`S, Y \in
+recursion (docs/algorithms.md §1.5). With the :math:`k \le p` stored pairs as rows :math:`S, Y \in
 \mathbb{R}^{k\times d}` (oldest first), :math:`R = \operatorname{triu}(S Y^\top)`,
 :math:`D = \operatorname{diag}(s_i^\top y_i)` and :math:`H_0 = \gamma I`:
 
@@ -19,7 +19,7 @@ the update compiles to one graph with no host synchronisation:
 
 * ``S``, ``Y``: ``(p, d)`` buffers, the valid pairs in the **last** ``count`` rows (oldest first), the
   others zero. Appending shifts every row up by one (FIFO: the oldest pair falls out once ``count == p``).
-* ``count``: int64 of shape ``(1,)`` (never a 0-d tensor: CAPTURE.md pitfall 4).
+* ``count``: int64 of shape ``(1,)`` (never a 0-d tensor: docs/capture.md pitfall 4).
 * ``left`` ``(d, 2p)`` and ``right`` ``(2p, d)``: :math:`L` and :math:`R_m` padded with zero columns /
   rows for the empty slots, recomputed after each append. :math:`R^{-1}S` is obtained with a triangular
   solve on :math:`R` whose empty-slot diagonal entries are set to 1 (those rows of :math:`S` are zero,

@@ -1,7 +1,7 @@
 r"""Block-diagonal Hessian-free optimisation (Zhang, Xiong, Bradbury & Socher, arXiv 1712.07296), reconstructed.
 
 .. note::
-   **A reconstruction, not a port.** Only the paper's abstract could be read (ALGORITHMS.md §2, §8): it
+   **A reconstruction, not a port.** Only the paper's abstract could be read (docs/algorithms.md §2, §8): it
    replaces Hessian-free's generalized Gauss–Newton (GGN) matrix by its **block-diagonal** part — curvature
    only between parameters of the same layer/block — and runs **CG independently for each block**. The
    block partition for CNNs/LSTMs, the damping schedule, the CG cap and the curvature-batch size are not

@@ -5,7 +5,7 @@ r"""Exact stochastic Newton for MLPs: per-sample exact Hessian blocks in closed 
    (arXiv 2104.03804) claim an expression for the stochastic Hessian and its exact eigenvalues, a
    closed-form exact stochastic Newton direction, and a regularisation plus "spectral adjustment" (keyword:
    *absolute Hessian*) that handles non-convexity and favours flat minima. The paper's formulas could not be
-   read (ALGORITHMS.md §4, §7). What follows is derived here from first principles to match that
+   read (docs/algorithms.md §4, §7). What follows is derived here from first principles to match that
    description; it is *not* the paper's algorithm, and its choices (per-layer blocks, the
    :math:`|\lambda|` adjustment, Tikhonov :math:`\rho`, averaging per-sample directions) are ours.
 

@@ -1,7 +1,7 @@
 r"""K-BFGS and K-BFGS(L) (Goldfarb, Ren & Bahamou, NeurIPS 2020): Kronecker-factored BFGS / L-BFGS.
 
 A faithful port of the official code (``renyiryry/kbfgs_neurips2020_public``, ``kbfgs_utils.py``,
-``training_function.py``, ``training_utils.py``; ALGORITHMS.md §1). With its defaults, :class:`KBFGS` and
+``training_function.py``, ``training_utils.py``; docs/algorithms.md §1). With its defaults, :class:`KBFGS` and
 :class:`KBFGSL` reproduce the official iteration step for step in float64 (checked by an independent
 re-implementation in ``tests/optim/test_kbfgs.py``).
 

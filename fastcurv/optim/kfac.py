@@ -1,7 +1,7 @@
 r"""K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions), as the K-BFGS paper's code runs it.
 
 This is the baseline every fastcurv method is compared with, so it follows the K-FAC baseline of the K-BFGS
-reference code (``renyiryry/kbfgs_neurips2020_public``, ``kfac_utils.py``/``training_function.py``; ALGORITHMS.md
+reference code (``renyiryry/kbfgs_neurips2020_public``, ``kfac_utils.py``/``training_function.py``; docs/algorithms.md
 §1.7) unless an option says otherwise.
 
 Per preconditioned layer (``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``) with homogeneous input
@@ -138,7 +138,7 @@ per-tensor check find the culprit), (momentum + factor EMA) and (direction + KL 
 the inverse refresh runs eagerly between the last two, so it adds no graphs and no recompiles. (Measured on torch 2.13 CPU: ``cholesky_ex`` + ``cholesky_inverse`` and ``eigh`` do
 compile with ``fullgraph=True`` — extern LAPACK calls, bitwise equal to eager — but the jitter/PSD fallback
 needs the factorisation's status on the host, and compiling the LAPACK call itself gains nothing.)
-Inductor pitfalls avoided (CAPTURE.md): no ``add(..., alpha=)`` (the EMA is ``mul_`` then ``add_(X * c)``),
+Inductor pitfalls avoided (docs/capture.md): no ``add(..., alpha=)`` (the EMA is ``mul_`` then ``add_(X * c)``),
 no in-place update of a 0-d tensor inside a compiled region (counters are Python ints, host side), and the
 loss enters the compiled check with shape (1,) (a 0-d float input gets a NaN guard: a NaN loss would
 recompile). tests/optim/test_kfac.py pins each (compiled == eager, constant graph count, NaN step).

@@ -4,7 +4,7 @@ r"""Newton–CG with complex-step Hessian-vector products (Newton–Krylov with 
    **A reconstruction, not a port.** Shen, Shao, Zhou, Jiang, Luo & Yang (arXiv 2009.07098, 2020) train
    networks with complex-step (CS) Hessian-vector products and a Newton–Krylov method whose Krylov iteration
    stops "as soon as a disturbing direction is found" and whose step size is adjusted by "monitoring the
-   Taylor-expansion approximation error". Only the abstract could be read (ALGORITHMS.md §3, §8): the
+   Taylor-expansion approximation error". Only the abstract could be read (docs/algorithms.md §3, §8): the
    paper's Krylov method, thresholds, step control and defaults are unknown. Everything below is derived
    here from standard truncated-Newton practice (Steihaug 1983; Nocedal & Wright ch. 7) and the
    Levenberg–Marquardt rule of Hessian-free optimisation (Martens 2010), and every constant is an option.

@@ -1,7 +1,7 @@
 r"""Double-damped BFGS: :func:`fastcurv.ops.damped_bfgs_update_` (and ``_foreach_``) and ``damped_pair``.
 
 Every update test goes through the public ops once per backend (fixture ``backend``) and is checked
-against :mod:`fastcurv.reference` (the spec) and against the invariants of ALGORITHMS.md §6 (items 1, 2, 10):
+against :mod:`fastcurv.reference` (the spec) and against the invariants of docs/algorithms.md §6 (items 1, 2, 10):
 the damped pair is valid for any :math:`(s, y)`; :math:`H` stays bitwise symmetric and positive definite over
 many updates and satisfies the secant condition :math:`H^+\tilde y = \tilde s`; every skip rule leaves
 :math:`H` bitwise unchanged and returns False; the grouped (foreach) launch matches the per-layer reference
@@ -28,7 +28,7 @@ from fastcurv import ops, reference
 
 SIZES = (1, 7, 33, 100, 257)  # straddle the 16/64/128 block edges
 DTYPES = (torch.float32, torch.float64)
-MU2S = (None, 0.5, 1.5)  # mu2 > 1 gives theta2 < 0 (ALGORITHMS.md §1.3)
+MU2S = (None, 0.5, 1.5)  # mu2 > 1 gives theta2 < 0 (docs/algorithms.md §1.3)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The parity tests compare the optimizers with ``_RefKBFGS``, an independent float64 re-implementation of the
 official iteration (renyiryry/kbfgs_neurips2020_public, ``Kron_BFGS_update`` and ``train_model``) written
-here from ALGORITHMS.md §1: loops over layers, dense matrices, the explicit inverses the code uses, plain
+here from docs/algorithms.md §1: loops over layers, dense matrices, the explicit inverses the code uses, plain
 autograd with ``retain_grad`` on the pre-activations, and nothing imported from fastcurv.
 """
 
@@ -766,7 +766,7 @@ def _pat_ema(A, Ab, beta):
 
 
 def _pat_counter(cnt, flag, c):
-    cnt.add_((~flag).to(torch.int64))  # (1,) int64 counter, never a 0-d float64 one (CAPTURE.md pitfall 4)
+    cnt.add_((~flag).to(torch.int64))  # (1,) int64 counter, never a 0-d float64 one (docs/capture.md pitfall 4)
     return cnt * c
 
 
