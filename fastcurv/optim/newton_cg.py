@@ -105,7 +105,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -237,12 +237,21 @@ def _closure_output(opt: _DampedKrylov, closure: Closure, ps: Sequence[Tensor]) 
     leaves: list[Tensor] = []
 
     def hook(mod: nn.Module, args: Any, out: Any) -> Any:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the GGN needs the model to return a tensor, got {type(out).__name__}")
-        outs.append(out)
-        leaf = out.detach().requires_grad_(True)
+        # a tensor, or a mapping holding the "logits" (Hugging Face's ModelOutput): the loss must then be
+        # computed by the closure from those logits, not inside the model (its Hessian is taken in the logits)
+        logits = out.get("logits") if isinstance(out, Mapping) else None
+        if not isinstance(out, Tensor) and not isinstance(logits, Tensor):
+            raise TypeError(
+                f"the GGN needs the model to return a tensor (or a mapping with 'logits'), got {type(out).__name__}"
+            )
+        o = out if isinstance(out, Tensor) else logits
+        outs.append(o)
+        leaf = o.detach().requires_grad_(True)
         leaves.append(leaf)
-        return leaf
+        if isinstance(out, Tensor):
+            return leaf
+        out["logits"] = leaf
+        return out
 
     handle = opt._net.register_forward_hook(hook)
     try:

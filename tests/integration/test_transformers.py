@@ -7,10 +7,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from fastcurv.optim import KBFGS, KBFGSL, KFAC  # noqa: E402
+from fastcurv.optim import EKFAC, KBFGS, KBFGSL, KFAC, SOAP, BlockHF, ExactNewton, NewtonCG  # noqa: E402
 
 VOCAB, SEQ, BATCH = 50, 12, 8
 
@@ -18,6 +19,12 @@ OPTIMIZERS = {
     "kfac": lambda m: KFAC(m, lr=0.1, damping=1.0),
     "kbfgs": lambda m: KBFGS(m, lr=0.05, damping=1.0),
     "kbfgsl": lambda m: KBFGSL(m, lr=0.05, damping=1.0),
+    "soap": lambda m: SOAP(m, lr=3e-3),
+    "ekfac": lambda m: EKFAC(m, lr=0.1, damping=3.0),
+    # the complex-step default has no rule for embeddings yet: the GGN and double-backward products run any model
+    "newton_cg_ggn": lambda m: NewtonCG(m, method="ggn", damping=1.0, max_cg_iters=5),
+    "newton_cg_db": lambda m: NewtonCG(m, method="double-backward", damping=1.0, max_cg_iters=5),
+    "block_hf": lambda m: BlockHF(m, damping=1.0, max_cg_iters=5),
 }
 
 
@@ -54,10 +61,29 @@ def test_trains_a_transformers_model_with_the_users_closure(kind, name):
         warnings.simplefilter("ignore")  # a fallback warning is expected here (checked below via describe)
         opt = OPTIMIZERS[name](model)
     batch = _batch(kind)
-    losses = [float(opt.step(lambda: model(**batch).loss)) for _ in range(8)]
+    if name in ("newton_cg_ggn", "block_hf"):  # the GGN takes the loss's Hessian in the logits: loss outside the model
+        ids, labels = batch["input_ids"], batch["labels"]
+
+        def closure():
+            logits = model(input_ids=ids).logits
+            if kind == "gpt2":  # next-token prediction, as GPT2LMHeadModel's own loss
+                return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+            return F.cross_entropy(logits, labels)
+    else:
+
+        def closure():
+            return model(**batch).loss
+
+    losses = [float(opt.step(closure)) for _ in range(8)]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses  # the same batch: it must go down
     assert opt.skipped_steps == 0
     text = opt.describe()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(n in text for n in names)  # every parameter is listed with how it is updated
+
+
+def test_exact_newton_refuses_a_transformer_with_a_clear_error():
+    """ExactNewton's Hessian recursion needs an MLP: a transformer is refused at construction, naming why."""
+    with pytest.raises(ValueError, match="MLP"):
+        ExactNewton(_gpt2())

@@ -469,3 +469,32 @@ def test_bad_construction_and_calls():
         opt.step(batch=(x, y))
     assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
     assert "NewtonCG(" in repr(NewtonCG(m, F.cross_entropy))
+
+
+def test_ggn_closure_takes_the_logits_of_a_mapping_output():
+    """A model returning a mapping with 'logits' (Hugging Face's ModelOutput) gets the same GGN step as the same
+    model returning the tensor, the loss computed by the closure from those logits."""
+
+    class Wrapped(nn.Module):
+        def __init__(self, net: nn.Module, as_mapping: bool) -> None:
+            super().__init__()
+            self.net, self.as_mapping = net, as_mapping
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            z = self.net(x)
+            return {"logits": z, "hidden": x} if self.as_mapping else z
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    out = []
+    for as_mapping in (False, True):
+        m = Wrapped(copy.deepcopy(net), as_mapping)
+        opt = NewtonCG(m, method="ggn", damping=1.0, max_cg_iters=5)
+        logits = (lambda o: o["logits"]) if as_mapping else (lambda o: o)
+        for _ in range(2):
+            opt.step(lambda: F.cross_entropy(logits(m(x)), y))
+        out.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any((a - b).abs().max() > 0 for a, b in zip(out[0], net.parameters()))
