@@ -435,6 +435,17 @@ def test_any_loss_step_equals_the_dense_absolute_hessian_solve(name):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * max(1.0, float(want.abs().max())))
 
 
+def _backpropagating(loss_fn, m, x, y, *, detach: bool = False):  # type: ignore[no-untyped-def]
+    """An LBFGS-style closure that calls backward() itself; ``detach``: return a detached copy (as Lightning)."""
+
+    def closure():
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        return loss.detach().clone() if detach else loss
+
+    return closure
+
+
 @pytest.mark.parametrize("name", ["label-smoothing", "weighted-ce-sum", "bce-pos-weight"])
 def test_a_closure_that_backpropagates_a_loss_module_uses_its_recorded_inputs(name):
     """A loss module passed as loss_fn and applied to the output: its (output, target) are recorded, so its
@@ -443,10 +454,7 @@ def test_a_closure_that_backpropagates_a_loss_module_uses_its_recorded_inputs(na
     m = _net()
     x, y = torch.randn(5, 3, dtype=DT), targets(5)
 
-    def closure():
-        loss = loss_fn(m(x), y)
-        loss.backward()
-        return loss
+    closure = _backpropagating(loss_fn, m, x, y)
 
     want = ExactNewton(m, loss_fn).hessian_factors(batch=(x, y))[-1]["B"]
     torch.testing.assert_close(ExactNewton(m, loss_fn).hessian_factors(closure)[-1]["B"], want, rtol=1e-13, atol=1e-15)
@@ -462,10 +470,7 @@ def test_a_closure_that_backpropagates_a_loss_whose_hessian_is_unknown_raises(na
     opt = ExactNewton(m, loss_fn)
     params = _params(m)
 
-    def closure():
-        loss = loss_fn(m(x), y)
-        loss.backward()
-        return loss
+    closure = _backpropagating(loss_fn, m, x, y)
 
     with pytest.raises(ValueError, match="backward"):
         opt.step(closure)
@@ -481,10 +486,7 @@ def test_without_loss_fn_a_backpropagating_closure_gets_the_exact_hessian(name):
     m = _net()
     x, y = torch.randn(5, 3, dtype=DT), targets(5)
 
-    def lbfgs_style():
-        loss = loss_fn(m(x), y)
-        loss.backward()
-        return loss.detach().clone()
+    lbfgs_style = _backpropagating(loss_fn, m, x, y, detach=True)
 
     want = ExactNewton(m, loss_fn).hessian_factors(batch=(x, y))[-1]["B"]
     got = ExactNewton(m).hessian_factors(lbfgs_style)[-1]["B"]
