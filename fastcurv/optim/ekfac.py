@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from fastcurv import ops
 from fastcurv.optim._base import Closure, CurvatureOptimizer
+from fastcurv.optim._linalg import eigvecs as _eigvecs
 
 __all__ = ["EKFAC"]
 
@@ -71,19 +72,6 @@ class _Layer:
     a_rows: list[Tensor] = field(default_factory=list)  # (N, T, d_a) per call
     g_rows: list[Tensor] = field(default_factory=list)  # (N, T, d_g) per call, scaled by N
     handle: Any = None
-
-
-def _eigvecs(M: Tensor) -> Tensor | None:
-    """Eigenvectors of the symmetric ``M`` (ascending eigenvalues), retried in float64 when LAPACK fails or returns
-    non-finite vectors (seen for float32 factors of layers behind many dead ReLUs); None when both fail."""
-    for dt in (M.dtype, torch.float64):
-        try:
-            Q = torch.linalg.eigh(M.to(dt))[1]
-        except RuntimeError:
-            continue
-        if bool(torch.isfinite(Q).all()):
-            return Q.to(M.dtype)
-    return None
 
 
 class EKFAC(CurvatureOptimizer):

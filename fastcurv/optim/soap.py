@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from fastcurv import ops
 from fastcurv.capture import Capture
 from fastcurv.optim._base import Closure, CurvatureOptimizer
+from fastcurv.optim._linalg import eigvecs as _eigvecs
 
 __all__ = ["SOAP"]
 
@@ -87,14 +88,8 @@ def _eigh_desc(M: Tensor) -> Tensor | None:
     """Eigenvectors of the symmetric ``M`` in order of decreasing eigenvalue (the code adds ``1e-30 I`` and retries
     in float64 on failure); None when both fail."""
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    for dt in (M.dtype, torch.float64):
-        try:
-            _, Q = torch.linalg.eigh((M + 1e-30 * eye).to(dt))
-        except RuntimeError:
-            continue
-        if bool(torch.isfinite(Q).all()):  # float32 LAPACK can return NaN vectors without raising
-            return torch.flip(Q, [1]).to(M.dtype)
-    return None
+    Q = _eigvecs(M + 1e-30 * eye)
+    return None if Q is None else torch.flip(Q, [1])
 
 
 class SOAP(CurvatureOptimizer):
