@@ -34,7 +34,8 @@ OPT_KEYS_V1 = {
     "time_to_target_ratio", "curve", "evals", "counters", "tuning",
 }
 TOP_KEYS = TOP_KEYS_V1 | {"baselines"}  # schema_version 2
-OPT_KEYS = OPT_KEYS_V1 | {"baseline", "to_baselines"}
+OPT_KEYS_V2 = OPT_KEYS_V1 | {"baseline", "to_baselines"}
+OPT_KEYS = OPT_KEYS_V2 | {"preconditioned"}  # schema_version 3
 TINY = ["--max-steps", "3", "--budget-seconds", "300", "--warmup-steps", "1", "--evals", "2"]
 
 
@@ -46,7 +47,7 @@ def _check_outputs(out: Path, problem: str, names: list[str]) -> dict:
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     res = json.loads((out / f"compare-{problem}.json").read_text())  # strict JSON: no NaN tokens
     assert set(res) == TOP_KEYS
-    assert res["schema_version"] == 2
+    assert res["schema_version"] == 3
     assert [r["name"] for r in res["optimizers"]] == names
     for r in res["optimizers"]:
         assert set(r) == OPT_KEYS, r["name"]
@@ -364,6 +365,22 @@ def _tiny_run(names: list[str], overrides: dict | None = None, problem: str = "d
     return cmp.run_comparison(prob, cfg)
 
 
+def test_the_record_says_which_share_of_the_parameters_each_optimizer_preconditions() -> None:
+    """``preconditioned`` counts the parameters a fastcurv optimizer does not leave to its fallback (from the
+    optimizer's own partition, as ``describe()`` prints it); other optimizers get null, shown as n/a."""
+    res = _tiny_run(["adam", "kfac"])
+    adam, kfac = res["optimizers"]
+    assert adam["preconditioned"] is None
+    model = load_problem("digits", n_train=120, n_test=40).build_model(0)
+    total = sum(p.numel() for p in model.parameters())
+    pre = kfac["preconditioned"]
+    assert pre["of_elements"] == total and pre["of_tensors"] == len(list(model.parameters()))
+    assert pre == {"elements": total, "of_elements": total, "share": 1.0, "tensors": pre["of_tensors"],
+                   "of_tensors": pre["of_tensors"]}  # an MLP: every weight and bias is in a K-FAC layer
+    table = cmp.format_table(res)
+    assert "precond." in table and "100.0%" in table and "n/a" in table.splitlines()[5]
+
+
 def test_dotted_paths_build_any_optimizer_class_and_registry_classes_as_their_entry() -> None:
     """A dotted path naming a registry entry's class runs exactly as that entry (same defaults, same curve); any
     other optimizer class is built from model.parameters(); --set-style overrides reach it by its path."""
@@ -481,16 +498,25 @@ def test_schema_1_files_still_load_and_redraw(tmp_path: Path, capsys: pytest.Cap
     del v1["baselines"]
     for r in v1["optimizers"]:
         del r["baseline"], r["to_baselines"]
+    for r in v1["optimizers"]:
+        del r["preconditioned"]
     v1["schema_version"] = 1
     assert set(v1) == TOP_KEYS_V1 and all(set(r) == OPT_KEYS_V1 for r in v1["optimizers"])
     up = cmp.load_results(v1)
-    assert up == json.loads(json.dumps(res, allow_nan=False)) and v1["schema_version"] == 1  # argument untouched
+    expect = json.loads(json.dumps(res, allow_nan=False))
+    for r in expect["optimizers"]:  # not recorded before version 3
+        r["preconditioned"] = None
+    assert up == expect and v1["schema_version"] == 1  # argument untouched
+    v2 = {**json.loads(json.dumps(res, allow_nan=False)), "schema_version": 2}
+    for r in v2["optimizers"]:
+        del r["preconditioned"]
+    assert cmp.load_results(v2) == expect
     path = tmp_path / "old.json"
     path.write_text(json.dumps(v1))
     assert cli.main(["plot", str(path)]) == 0
     out = capsys.readouterr().out
     assert "t->adam (s)" in out and "steps->adam" in out and (tmp_path / "old.png").read_bytes()[:8] == PNG_MAGIC
-    for bad, match in (({**v1, "schema_version": 7}, "schema_version 1, 2"), ({"schema_version": 2}, "missing keys")):
+    for bad, match in (({**v1, "schema_version": 7}, "schema_version 1, 2, 3"), ({"schema_version": 2}, "missing keys")):
         path.write_text(json.dumps(bad))
         assert cli.main(["plot", str(path)]) == 2
         err = capsys.readouterr().err

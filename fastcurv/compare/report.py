@@ -34,7 +34,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"{ev['train_examples']} train / {ev['test_examples']} test examples",
         "",
     ]
-    head = ["optimizer", "status", "steps", "ms/step", "train loss", "test loss", "t->target (s)", f"time/{ref}"]
+    head = ["optimizer", "status", "precond.", "steps", "ms/step", "train loss", "test loss", "t->target (s)",
+            f"time/{ref}"]
     rows = []
     for r in results["optimizers"]:
         status = r["status"] + (f" ({r['skipped_steps']} skipped)" if r["skipped_steps"] else "")
@@ -42,6 +43,7 @@ def format_table(results: dict[str, Any]) -> str:
             [
                 r["name"],
                 status,
+                _share(r["preconditioned"]),
                 str(r["steps"]),
                 _fmt(r["ms_per_step"], ".1f"),
                 _fmt(r["final_train_loss"], ".4f"),
@@ -67,6 +69,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.extend(_grid_lines(head, rows, left=1))
     notes = [f"  {r['name']}: {r['status']}: {r['error']}" for r in results["optimizers"] if r["error"]]
     lines.append("")
+    lines.append("precond.: share of the trainable parameter elements a fastcurv optimizer preconditions (the rest "
+                 "run its fallback; describe() lists them); n/a: not a fastcurv optimizer.")
     lines.append(f"t->target: training-clock seconds until the train loss reaches the target; time/{ref} < 1 is "
                  f"faster than {ref}; n/a = not reached.")
     if baselines:
@@ -76,6 +80,13 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("problems:")
         lines.extend(notes)
     return "\n".join(lines)
+
+
+def _share(pre: dict[str, Any] | None) -> str:
+    """The preconditioned share of the parameters, e.g. ``"98.4%"``; ``"n/a"`` for optimizers outside fastcurv."""
+    if pre is None:
+        return "n/a"
+    return f"{100 * pre['share']:.1f}%"
 
 
 def _grid_lines(head: list[str], rows: list[list[str]], *, left: int) -> list[str]:
@@ -140,7 +151,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     ax_s.legend(loc="upper right", fontsize=8)
     p = results["problem"]
     fig.suptitle(
-        f"{p['name']} autoencoder, batch {results['batch_size']}, {results['dtype']} on "
+        f"{p['name']}, batch {results['batch_size']}, {results['dtype']} on "
         f"{results['device']['name']}; dotted: target ({results['reference']}'s final train loss)",
         fontsize=10,
     )

@@ -56,6 +56,24 @@ def _mean_loss(problem: Problem | LMProblem, model: nn.Module, x: Tensor, chunk:
     return total / x.shape[0]
 
 
+def preconditioned_share(opt: Any, model: nn.Module) -> dict[str, Any] | None:
+    """Which share of the model's trainable parameters a fastcurv optimizer preconditions (the ones its
+    ``describe()`` lists as not on the fallback): ``{"elements", "of_elements", "share", "tensors",
+    "of_tensors"}``; None for any other optimizer (it does not say how it treats each tensor)."""
+    method = getattr(opt, "_method", None)
+    if not isinstance(method, dict) or not type(opt).__module__.startswith("fastcurv."):
+        return None
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    ids = {id(q) for q in method}
+    pre = [p for p in trainable.values() if id(p) in ids]
+    total = sum(p.numel() for p in trainable.values())
+    n = sum(p.numel() for p in pre)
+    return {
+        "elements": n, "of_elements": total, "share": n / total if total else 0.0,
+        "tensors": len(pre), "of_tensors": len(trainable),
+    }
+
+
 @dataclass
 class Runner:
     """Everything shared by the runs of one comparison (data on the device, settings)."""
@@ -171,6 +189,7 @@ class Runner:
             "evals": {"step": [], "seconds": [], "train_loss": [], "test_loss": []},
             "counters": {},
             "tuning": None,
+            "preconditioned": None,
         }
         curve, evals = rec["curve"], rec["evals"]
         shadow = self.build_model()
@@ -202,6 +221,7 @@ class Runner:
         except Exception as e:
             return fail("error", f"construction: {one_line(e)}")
         rec["hyperparameters"] = hp
+        rec["preconditioned"] = preconditioned_share(opt, model)
         params = [p for p in model.parameters()]
         shadow_params = list(shadow.parameters())
 

@@ -20,7 +20,7 @@ from fastcurv.compare.targets import add_baseline_targets
 
 __all__ = ["OPTIMIZER_KEYS", "SCHEMA_VERSION", "TOP_LEVEL_KEYS", "load_results", "save_json"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: the keys of version 1 (files written before the per-baseline columns; :func:`load_results` upgrades them)
 TOP_LEVEL_KEYS_V1 = frozenset(
     {
@@ -36,8 +36,13 @@ OPTIMIZER_KEYS_V1 = frozenset(
     }
 )
 TOP_LEVEL_KEYS = TOP_LEVEL_KEYS_V1 | {"baselines"}
-OPTIMIZER_KEYS = OPTIMIZER_KEYS_V1 | {"baseline", "to_baselines"}
-_KEYS = {1: (TOP_LEVEL_KEYS_V1, OPTIMIZER_KEYS_V1), 2: (TOP_LEVEL_KEYS, OPTIMIZER_KEYS)}
+OPTIMIZER_KEYS_V2 = OPTIMIZER_KEYS_V1 | {"baseline", "to_baselines"}
+OPTIMIZER_KEYS = OPTIMIZER_KEYS_V2 | {"preconditioned"}
+_KEYS = {
+    1: (TOP_LEVEL_KEYS_V1, OPTIMIZER_KEYS_V1),
+    2: (TOP_LEVEL_KEYS, OPTIMIZER_KEYS_V2),
+    3: (TOP_LEVEL_KEYS, OPTIMIZER_KEYS),
+}
 
 
 def finite_or_none(v: float | None) -> float | None:
@@ -71,7 +76,8 @@ def load_results(results: Any) -> dict[str, Any]:
     """Check a comparison read back from JSON and return it at the current :data:`SCHEMA_VERSION`.
 
     A version-1 dict gets the version-2 fields (``baselines``; per optimizer ``baseline`` and
-    ``to_baselines``), computed from its evaluations, and ``schema_version`` 2; the argument is not modified.
+    ``to_baselines``), computed from its evaluations; versions 1 and 2 get ``preconditioned`` = null (not
+    recorded then) and ``schema_version`` 3. The argument is not modified.
 
     Raises:
         CompareError: not a comparison of a known schema version, or keys missing (one line).
@@ -92,5 +98,8 @@ def load_results(results: Any) -> dict[str, Any]:
         return results
     out = json.loads(json.dumps(results))  # a deep copy: the caller's dict stays as read
     out["schema_version"] = SCHEMA_VERSION
-    out["baselines"] = add_baseline_targets(out["optimizers"])
+    if version == 1:
+        out["baselines"] = add_baseline_targets(out["optimizers"])
+    for r in out["optimizers"]:
+        r["preconditioned"] = None
     return out
