@@ -1,5 +1,5 @@
-"""The race on CURVES: steps and seconds to each loss level, per optimizer (eigenbasis methods against AdamW and
-heavyball's SOAP).
+"""The race on CURVES (and on the transformer language model): steps and seconds to each loss level, per optimizer
+(eigenbasis methods against AdamW and heavyball's SOAP).
 
 Protocol: the generated CURVES autoencoder (:func:`fastcurv.data.load_problem`), batch 1000, float32, the same
 initial weights (``problem.build_model(seed)``) and the same minibatch order for every optimizer (one seeded
@@ -13,6 +13,13 @@ Run the full race (minutes on a CPU; prints a table and writes the JSON with eve
     python -m bench.test_bench_race --steps 300 --out race.json
     python -m bench.test_bench_race --only soap_f2_0.01,hb_soap_1e-2 --steps 200
     python -m bench.test_bench_race --step-cost --only adamw_3e-3,hb_soap_1e-2,soap_f2_0.01   # ms/step, interleaved
+    python -m bench.test_bench_race --problem lm --steps 300 --out race-lm.json   # the transformer (fastcurv.lm)
+
+``--problem lm``: :func:`fastcurv.lm.load_lm` (``--size small``: 2 layers, width 128, context 64, batch 32
+sequences; the loss is nats per character, levels :data:`LM_LEVELS`), the same protocol with the windows as the
+minibatch rows; the evaluated loss is the mean over the first ``eval_size`` // 10 training windows. Learning rates
+on the lm problem are the registry's names (chosen on CURVES), so the race there says how the CURVES settings
+transfer, not what each optimizer can reach after tuning.
 
 Under pytest (``--benchmark-disable`` or not, on CPU) a smoke race runs: 256 images, batch 64, 4 steps per
 optimizer; with CUDA and the benchmark enabled the full race runs and ``extra_info`` holds the table.
@@ -35,6 +42,8 @@ from torch import Tensor, nn
 from fastcurv.data import Problem, load_problem
 
 LEVELS = (150.0, 120.0, 100.0, 80.0)
+#: loss levels (nats per character) of the lm problem: the uniform 96-symbol start is ln 96 = 4.56
+LM_LEVELS = (3.0, 2.6, 2.4, 2.2)
 
 
 class Batches:
@@ -85,7 +94,11 @@ def registry() -> dict[str, Callable[[nn.Module], Any]]:
     """name -> factory(model) -> optimizer; fastcurv ones take ``step(closure)``, the others the plain loop."""
     r: dict[str, Callable[[nn.Module], Any]] = {
         "adamw_3e-3": _torch_adamw(3e-3),
+        "adamw_1e-3": _torch_adamw(1e-3),
         "hb_soap_1e-2": _heavyball_soap(1e-2),
+        "hb_soap_3e-3": _heavyball_soap(3e-3),
+        "kfac": _fastcurv("KFAC"),  # the class defaults
+        "kbfgsl_0.3_0.7": _fastcurv("KBFGSL", lr=0.3, damping=0.7),
     }
     for lr in (3e-3, 1e-2, 2e-2):
         r[f"soap_{lr:g}"] = _fastcurv("SOAP", lr=lr)
@@ -118,7 +131,7 @@ def run_one(
     model = problem.build_model(seed)
     opt = make(model)
     closure_api = getattr(make, "closure", False)
-    xe = problem.train_x[:eval_size]
+    xe, ye = problem.split(problem.train_x[:eval_size])
     stream = iter(Batches(problem.train_x, batch, seed))
     clock = 0.0
     curve: list[tuple[int, float, float]] = []  # (step, clock seconds, evaluated loss)
@@ -128,7 +141,7 @@ def run_one(
 
     def evaluate(k: int) -> None:
         with torch.no_grad():
-            le = float(problem.loss_fn(model(xe), xe))
+            le = float(problem.loss_fn(model(xe), ye))
         curve.append((k, clock, le))
         if progress and k % 50 == 0:
             print(f"  {name}: step {k} loss {le:.2f} clock {clock:.1f}s", file=sys.stderr, flush=True)
@@ -139,19 +152,19 @@ def run_one(
 
     evaluate(0)
     for k in range(1, steps + 1):
-        x = next(stream)
+        x, y = problem.split(next(stream))
         t0 = time.perf_counter()
         if closure_api:
-            loss = opt.step(lambda: problem.loss_fn(model(x), x))
+            loss = opt.step(lambda: problem.loss_fn(model(x), y))
         else:
             opt.zero_grad(set_to_none=True)
-            loss = problem.loss_fn(model(x), x)
+            loss = problem.loss_fn(model(x), y)
             loss.backward()
             opt.step()
         lv = float(loss.detach())
         clock += time.perf_counter() - t0
         mb.append(lv)
-        if not math.isfinite(lv) or lv > 1e4:
+        if not math.isfinite(lv) or lv > 100 * max(curve[0][2], 1e-30):
             status = "diverged"
             evaluate(k)
             break
@@ -175,20 +188,36 @@ def race(
     names: list[str] | None = None,
     *,
     steps: int = 300,
-    batch: int = 1000,
+    batch: int | None = None,
     n_train: int | None = None,
     seed: int = 0,
     eval_every: int = 5,
     eval_size: int = 2000,
     progress: bool = False,
+    problem_name: str = "curves",
+    size: str = "small",
 ) -> dict[str, Any]:
+    """Run the race on ``problem_name`` (``"curves"`` or ``"lm"``); ``batch`` None = the problem's (1000 images,
+    or the lm size's sequences)."""
     torch.manual_seed(seed)
-    problem = load_problem("curves", seed=seed, n_train=n_train, n_test=64 if n_train else None)
+    levels = LEVELS
+    if problem_name == "lm":
+        from fastcurv.lm import load_lm
+
+        problem: Any = load_lm(size)
+        batch = batch or problem.batch_size
+        eval_size = max(eval_size // 10, 1)
+        levels = LM_LEVELS
+        desc = f"lm size={size} windows={problem.train_x.shape[0]} batch={batch} float32"
+    else:
+        problem = load_problem("curves", seed=seed, n_train=n_train, n_test=64 if n_train else None)
+        batch = batch or 1000
+        desc = f"curves n_train={problem.train_x.shape[0]} batch={batch} float32"
     reg = registry()
     names = list(reg) if names is None else names
     out: dict[str, Any] = {
-        "problem": f"curves n_train={problem.train_x.shape[0]} batch={batch} float32",
-        "levels": list(LEVELS),
+        "problem": desc,
+        "levels": list(levels),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "results": [],
@@ -196,12 +225,12 @@ def race(
     for n in names:
         try:
             r = run_one(n, reg[n], problem, steps=steps, batch=batch, seed=seed, eval_every=eval_every,
-                        eval_size=eval_size, progress=progress)
+                        eval_size=eval_size, levels=levels, progress=progress)
         except ImportError as e:  # an optional peer (heavyball) not installed
             r = {"name": n, "status": f"skipped: {e}"}
         out["results"].append(r)
         if progress:
-            print(table([r]), file=sys.stderr, flush=True)
+            print(table([r], levels), file=sys.stderr, flush=True)
     return out
 
 
@@ -241,20 +270,20 @@ def step_cost(names: list[str], *, rounds: int = 5, steps_per_round: int = 10, b
     return {n: {"ms_per_step": 1000 * med[n], "ratio": med[n] / med[names[0]]} for n in names}
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    head = "| optimizer | " + " | ".join(f"to {lv:g}: steps / s" for lv in LEVELS) + " | best loss | ms/step |"
-    lines = [head, "|" + "---|" * (len(LEVELS) + 3)]
+def table(results: list[dict[str, Any]], levels: tuple[float, ...] = LEVELS) -> str:
+    head = "| optimizer | " + " | ".join(f"to {lv:g}: steps / s" for lv in levels) + " | best loss | ms/step |"
+    lines = [head, "|" + "---|" * (len(levels) + 3)]
     for r in results:
         if "reached" not in r:
             lines.append(f"| {r['name']} | {r['status']} |")
             continue
         cells = []
-        for lv in LEVELS:
+        for lv in levels:
             hit = r["reached"][f"{lv:g}"]
             cells.append("—" if hit is None else f"{hit['steps']} / {hit['seconds']:.1f}")
         lines.append(
             f"| {r['name']} | " + " | ".join(cells)
-            + f" | {r['best_loss']:.1f} after {r['best_step']} ({r['status']}) | {r['ms_per_step']:.0f} |"
+            + f" | {r['best_loss']:.{1 if r['best_loss'] > 10 else 3}f} after {r['best_step']} ({r['status']}) | {r['ms_per_step']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -289,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=None, help="comma-separated names (default: all); --list shows them")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=None, help="default: 1000 images (curves), the size's (lm)")
+    ap.add_argument("--problem", choices=("curves", "lm"), default="curves")
+    ap.add_argument("--size", default="small", help="lm only: small | medium | large")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
@@ -304,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     names = a.only.split(",") if a.only else None
     if a.step_cost:
-        cost = step_cost(names or list(registry()), rounds=a.rounds, batch=a.batch, seed=a.seed)
+        cost = step_cost(names or list(registry()), rounds=a.rounds, batch=a.batch or 1000, seed=a.seed)
         print("| optimizer | ms/step | / first |\n|---|---|---|")
         for n, c in cost.items():
             print(f"| {n} | {c['ms_per_step']:.1f} | {c['ratio']:.2f} |")
@@ -312,9 +343,10 @@ def main(argv: list[str] | None = None) -> None:
             with open(a.out, "w") as f:
                 json.dump({"step_cost": cost, "command": " ".join(sys.argv), "threads": torch.get_num_threads()}, f)
         return
-    res = race(names, steps=a.steps, batch=a.batch, seed=a.seed, eval_every=a.eval_every, progress=True)
+    res = race(names, steps=a.steps, batch=a.batch, seed=a.seed, eval_every=a.eval_every, progress=True,
+               problem_name=a.problem, size=a.size)
     res["command"] = " ".join(sys.argv)
-    print(table(res["results"]))
+    print(table(res["results"], tuple(res["levels"])))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f)
