@@ -89,19 +89,30 @@ class Open(float):
     :math:`(0, \\infty)`, ``(0.0, Open(1.0))`` is :math:`[0, 1)`."""
 
 
+def _group_finite(ts: list[Tensor]) -> Tensor:
+    """0-d bool: every element of the tensors (one dtype, one device) is finite (see :func:`finite_flag`)."""
+    if ts[0].device.type == "cpu":
+        ext = [torch.stack(torch.aminmax(torch.view_as_real(t) if t.is_complex() else t)) for t in ts]
+        return torch.isfinite(torch.cat(ext)).all()
+    return torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf)).amax())
+
+
 def finite_flag(tensors: Iterable[Tensor | None], device: torch.device | None = None) -> Tensor:
     """0-d bool tensor, True iff every element of every given tensor is finite; no host sync.
 
-    One ``torch._foreach_norm(ord=inf)`` (max-abs, which propagates NaN and inf; a multi-tensor kernel on
-    CUDA) per dtype and device, then one ``isfinite`` of the maxima, instead of ``isfinite(t).all()`` per
-    tensor (two kernels and a dispatch each). The inf-norm cannot overflow on finite input (a 2-norm can).
-    None, empty, integer and bool tensors are skipped (always finite); with none left the result is
+    Off the CPU: one ``torch._foreach_norm(ord=inf)`` (max-abs, which propagates NaN and inf; a multi-tensor
+    kernel on CUDA) per dtype and device, then one ``isfinite`` of the maxima, instead of
+    ``isfinite(t).all()`` per tensor (two kernels and a dispatch each). On the CPU: ``torch.aminmax`` per
+    tensor (NaN propagates; ±inf is the min or the max), which is vectorised there while the inf-norm and
+    ``isfinite`` are not — measured on 5.8 M float32 elements on one thread: 0.75 ms against 25 ms
+    (``_foreach_norm``) and 28 ms (``isfinite().all()``). Neither can overflow on finite input (a 2-norm
+    can). None, empty, integer and bool tensors are skipped (always finite); with none left the result is
     True on ``device``."""
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
         if t is not None and (t.is_floating_point() or t.is_complex()) and t.numel() > 0:
             groups.setdefault((t.dtype, t.device), []).append(t)
-    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf)).amax()) for ts in groups.values()]
+    flags = [_group_finite(ts) for ts in groups.values()]
     if not flags:
         return torch.ones((), dtype=torch.bool, device=device)
     return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()

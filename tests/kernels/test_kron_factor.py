@@ -86,6 +86,21 @@ def _beta_arg(beta: float, as_tensor: bool, A: torch.Tensor) -> float | torch.Te
     return torch.tensor(beta, dtype=A.dtype, device=A.device) if as_tensor else beta
 
 
+@pytest.mark.parametrize("d", [1, 127, 128, 129, 257, 300, 385])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_gram_is_the_full_product(d, dtype):
+    """The reference's block-triangle Gram (panels of ``SYRK_PANEL`` columns, lower blocks mirrored) is XᵀX:
+    within the inner-product bound gamma_m |X|ᵀ|X| of the float64 product, entry for entry, on both sides of
+    every panel edge (a wrong mirror or panel offset is off by O(1))."""
+    g = torch.Generator().manual_seed(d)
+    X = _batch(70, d, dtype, 1.0, g, torch.device("cpu"))
+    got = reference._gram(X)
+    exact = X.double().T @ X.double()
+    u = _unit_roundoff(dtype)
+    bound = 70 * u / (1 - 70 * u) * (X.double().abs().T @ X.double().abs()) + torch.finfo(dtype).tiny
+    _assert_within_bound(got, exact, bound)
+
+
 # --------------------------------------------------------------------------------------------------------
 # values: against the reference, exact symmetry
 # --------------------------------------------------------------------------------------------------------

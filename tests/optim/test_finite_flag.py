@@ -44,3 +44,20 @@ def test_matches_isfinite(shapes, dtypes, poison, huge, seed):
 @pytest.mark.parametrize("ts", [[], [None], [torch.zeros(0)], [torch.ones(2, dtype=torch.int32)]])
 def test_nothing_to_check_is_finite(ts):
     assert bool(finite_flag(ts))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1000, 4097])
+def test_poison_anywhere_in_vectorised_reductions(dtype, n):
+    """NaN / ±inf at the first, a middle, and the last element (SIMD head, body and tail of the CPU
+    reduction), in a contiguous tensor and in a strided view of one, is found."""
+    g = torch.Generator().manual_seed(n)
+    for pos in sorted({0, n // 2, n - 1}):
+        for v in ("nan", "inf", "-inf"):
+            t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+            t[pos] = float(v)
+            assert not bool(finite_flag([torch.ones(3, dtype=dtype), t]))
+            wide = torch.zeros(n, 3, dtype=dtype)
+            wide[:, 1] = t
+            assert not bool(finite_flag([wide[:, 1]])), (pos, v)
+        assert bool(finite_flag([torch.randn(n, generator=g, dtype=torch.float64).to(dtype)]))
