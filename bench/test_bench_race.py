@@ -79,15 +79,19 @@ def _torch_adamw(lr: float) -> Callable[[nn.Module], Any]:
     return make
 
 
-def _heavyball_soap(lr: float) -> Callable[[nn.Module], Any]:
+def _heavyball(cls_name: str, lr: float) -> Callable[[nn.Module], Any]:
     def make(model: nn.Module) -> Any:
         import heavyball
         import heavyball.utils
 
         heavyball.utils.compile_mode = None  # eager, like the other optimizers here (no inductor autotuning billed)
-        return heavyball.SOAP(model.parameters(), lr=lr)
+        return getattr(heavyball, cls_name)(model.parameters(), lr=lr)
 
     return make
+
+
+def _heavyball_soap(lr: float) -> Callable[[nn.Module], Any]:
+    return _heavyball("SOAP", lr)
 
 
 def registry() -> dict[str, Callable[[nn.Module], Any]]:
@@ -97,8 +101,12 @@ def registry() -> dict[str, Callable[[nn.Module], Any]]:
         "adamw_1e-3": _torch_adamw(1e-3),
         "hb_soap_1e-2": _heavyball_soap(1e-2),
         "hb_soap_3e-3": _heavyball_soap(3e-3),
+        "hb_psgd_3e-3": _heavyball("PSGDKron", 3e-3),
         "kfac": _fastcurv("KFAC"),  # the class defaults
+        "kbfgs_0.3_0.7": _fastcurv("KBFGS", lr=0.3, damping=0.7),
         "kbfgsl_0.3_0.7": _fastcurv("KBFGSL", lr=0.3, damping=0.7),
+        "newton_cg": _fastcurv("NewtonCG"),  # the class defaults (closure replay)
+        "block_hf": _fastcurv("BlockHF"),
     }
     for lr in (3e-3, 1e-2, 2e-2):
         r[f"soap_{lr:g}"] = _fastcurv("SOAP", lr=lr)
