@@ -210,10 +210,13 @@ def damped_bfgs_update_(
     ok = sy > 0
     if grad_norm is not None:
         ok = ok & (sy > _scalar(curvature_tol, H) * ss * _scalar(grad_norm, H))
-    bound = H.abs().amax() + c.abs() * s_t.abs().amax() ** 2 + 2 * rho.abs() * s_t.abs().amax() * u.abs().amax()
+    lo, hi = torch.aminmax(H)  # max|H| in one vectorised pass (NaN propagates)
+    bound = torch.maximum(-lo, hi) + c.abs() * s_t.abs().amax() ** 2 + 2 * rho.abs() * s_t.abs().amax() * u.abs().amax()
     ok = ok & torch.isfinite(bound) & torch.isfinite(s_t).all() & torch.isfinite(y_t).all()
-    new = H + c * torch.outer(s_t, s_t) - rho * (torch.outer(s_t, u) + torch.outer(u, s_t))
-    H.copy_(torch.where(ok, new, H))
+    # H + c*(s s^T) - rho*(s u^T + u s^T), the same roundings in the same order, in three d x d temporaries
+    new = torch.outer(s_t, s_t).mul_(c).add_(H)
+    new.sub_(torch.outer(s_t, u).add_(torch.outer(u, s_t)).mul_(rho))
+    torch.where(ok, new, H, out=H)
     return ok
 
 
